@@ -1,0 +1,261 @@
+"""Datasets held in memory, with a fast batch iterator and a full-batch mode.
+
+``load(name, split=..., ...)`` returns an :class:`ArrayData` of standardized float32 inputs of
+shape ``(N, C, *spatial)`` and int64 labels:
+
+=============  ==================  ================================================================
+name           shape               source
+=============  ==================  ================================================================
+``digits``     (N, 1, 8, 8)        scikit-learn's 8x8 digits (1797 images, shipped with sklearn);
+                                   stratified train/test split fixed by ``seed``.
+``mnist1d``    (N, 1, 40)          generated procedurally by the ``mnist1d`` package (never its
+                                   download path); cached under the user cache dir.
+``cifar10``    (N, 3, 32, 32)      the official "python version" files in a local directory; read
+                                   with a loader that cannot execute code; ``download=True`` fetches.
+``synthetic``  (N, *in_shape)      a seeded random teacher network labels Gaussian inputs; for tests.
+=============  ==================  ================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from ._io import atomic_write_bytes
+from ._paths import cache_dir
+from .errors import UserError, check_positive, unknown_name
+
+SPLITS = ("train", "test")
+
+
+@dataclass
+class ArrayData:
+    """A labelled dataset in memory.
+
+    Attributes:
+        x: inputs, float tensor ``(N, C, *spatial)``.
+        y: labels, int64 tensor ``(N,)``.
+        num_classes: number of classes.
+        name: dataset name; ``split``: ``"train"`` or ``"test"``.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    num_classes: int
+    name: str = "data"
+    split: str = "train"
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        """Shape of one input, e.g. ``(1, 8, 8)``."""
+        return tuple(self.x.shape[1:])
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "ArrayData":
+        """A copy on ``device`` with inputs cast to ``dtype`` (labels stay int64)."""
+        return ArrayData(self.x.to(device=device, dtype=dtype), self.y.to(device), self.num_classes, self.name, self.split)
+
+    def subset(self, n: int) -> "ArrayData":
+        """The first ``n`` examples."""
+        return ArrayData(self.x[:n], self.y[:n], self.num_classes, self.name, self.split)
+
+    def full_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole set as one batch, for full-batch gradient descent."""
+        return self.x, self.y
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(x, y)`` minibatches by indexing the in-memory tensors (no workers).
+
+        Args:
+            batch_size: examples per batch; ``batch_size >= len(self)`` gives one full batch.
+            shuffle: draw a fresh permutation from ``generator`` (deterministic for a seeded one).
+            drop_last: drop a final batch smaller than ``batch_size``.
+        """
+        n = len(self)
+        check_positive("batch size", batch_size)
+        if shuffle:
+            order = torch.randperm(n, generator=generator).to(self.x.device)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if drop_last and stop - start < batch_size and start > 0:
+                return
+            if shuffle:
+                idx = order[start:stop]
+                yield self.x[idx], self.y[idx]
+            else:
+                yield self.x[start:stop], self.y[start:stop]
+
+    def steps_per_epoch(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        if drop_last and n >= batch_size:
+            return n // batch_size
+        return -(-n // batch_size)
+
+
+# ------------------------------------------------------------------------------------ datasets
+DATASETS: dict[str, Callable[..., ArrayData]] = {}
+
+
+def register_dataset(name: str):
+    """Decorator adding a loader ``fn(split, root, seed, **options) -> ArrayData`` to the registry."""
+
+    def deco(fn):
+        DATASETS[name] = fn
+        return fn
+
+    return deco
+
+
+def load(name: str, *, split: str = "train", root=None, seed: int = 0, **options) -> ArrayData:
+    """Load a dataset split into memory.
+
+    Args:
+        name: one of ``bnlab.data.DATASETS`` (``digits``, ``mnist1d``, ``cifar10``, ``synthetic``).
+        split: ``"train"`` or ``"test"``.
+        root: directory for datasets read from disk (cifar10); ``None`` uses the default data dir.
+        seed: fixes the train/test split (digits) or the generator (mnist1d, synthetic).
+        **options: loader-specific, e.g. ``download=True`` (cifar10), ``num_samples`` (mnist1d),
+            ``n``, ``in_shape``, ``num_classes`` (synthetic).
+
+    Returns:
+        ArrayData with standardized float32 inputs.
+
+    Raises:
+        UserError: unknown name or split, bad option, missing or corrupt data.
+
+    Example:
+        >>> train = load("digits", split="train")
+        >>> train.x.shape
+        torch.Size([1347, 1, 8, 8])
+    """
+    if name not in DATASETS:
+        raise unknown_name("dataset", name, DATASETS)
+    if split not in SPLITS:
+        raise unknown_name("split", split, SPLITS)
+    try:
+        return DATASETS[name](split=split, root=root, seed=seed, **options)
+    except TypeError as e:  # an option the loader does not take
+        if "unexpected keyword" in str(e):
+            raise UserError(f"dataset {name!r}: {e}".replace("\n", " ")) from None
+        raise
+
+
+def load_pair(name: str, **kwargs) -> tuple[ArrayData, ArrayData]:
+    """``(train, test)`` of one dataset with the same options."""
+    kwargs.pop("split", None)
+    return load(name, split="train", **kwargs), load(name, split="test", **kwargs)
+
+
+def _to_data(x: np.ndarray, y: np.ndarray, num_classes: int, name: str, split: str) -> ArrayData:
+    return ArrayData(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64)), num_classes, name, split)
+
+
+@register_dataset("digits")
+def _load_digits(*, split: str, root=None, seed: int = 0, test_fraction: float = 0.25) -> ArrayData:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < test_fraction < 1.0:
+        raise UserError(f"digits: test_fraction must be in (0, 1), got {test_fraction!r}")
+    ds = load_digits()
+    x = ds.data.reshape(-1, 1, 8, 8).astype(np.float64)
+    y = ds.target
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, stratify=y, random_state=seed)
+    mean, std = x_tr.mean(), x_tr.std()  # one scalar: many border pixels are constant
+    x_sel, y_sel = (x_tr, y_tr) if split == "train" else (x_te, y_te)
+    return _to_data((x_sel - mean) / std, y_sel, 10, "digits", split)
+
+
+def _mnist1d_arrays(gen_args: dict) -> dict[str, np.ndarray]:
+    """Generate (or read from the cache) MNIST-1D with the package's procedural generator."""
+    key = hashlib.sha256(json.dumps(gen_args, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir() / "mnist1d" / f"mnist1d-{key}.npz"
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                return {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+        except Exception:
+            pass  # a damaged cache entry is regenerated
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    for k, v in gen_args.items():
+        setattr(args, k, v)
+    # make_dataset seeds numpy's and python's global RNGs: leave the caller's state untouched.
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        d = make_dataset(args)
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    arrays = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+    except OSError:
+        pass  # a read-only cache is not an error
+    return arrays
+
+
+@register_dataset("mnist1d")
+def _load_mnist1d(*, split: str, root=None, seed: int = 0, num_samples: int = 5000, train_split: float = 0.8, shuffle_seq: bool = False) -> ArrayData:
+    check_positive("mnist1d num_samples", num_samples)
+    if not 0.0 < train_split < 1.0:
+        raise UserError(f"mnist1d: train_split must be in (0, 1), got {train_split!r}")
+    arrays = _mnist1d_arrays({"num_samples": int(num_samples), "train_split": float(train_split), "seed": int(seed), "shuffle_seq": bool(shuffle_seq)})
+    x, y = (arrays["x"], arrays["y"]) if split == "train" else (arrays["x_test"], arrays["y_test"])
+    return _to_data(x[:, None, :], y, 10, "mnist1d", split)
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@register_dataset("cifar10")
+def _load_cifar10(*, split: str, root=None, seed: int = 0, download: bool = False) -> ArrayData:
+    from ._cifar import load_cifar10
+
+    images, labels = load_cifar10(root, split, download=download)
+    x = images.astype(np.float32) / 255.0
+    x = (x - np.array(CIFAR10_MEAN, np.float32)[:, None, None]) / np.array(CIFAR10_STD, np.float32)[:, None, None]
+    return _to_data(x, labels, 10, "cifar10", split)
+
+
+@register_dataset("synthetic")
+def _load_synthetic(
+    *, split: str, root=None, seed: int = 0, n: int = 512, n_test: int | None = None, in_shape=(1, 8, 8), num_classes: int = 10, hidden: int = 32
+) -> ArrayData:
+    """Gaussian inputs labelled by a random two-layer tanh teacher: ``y = argmax(tanh(x W1) W2)``."""
+    check_positive("synthetic n", n)
+    if num_classes < 2:
+        raise UserError(f"synthetic: num_classes must be >= 2, got {num_classes}")
+    in_shape = tuple(int(s) for s in in_shape)
+    if not in_shape or any(s < 1 for s in in_shape):
+        raise UserError(f"synthetic: in_shape must be positive sizes like (1, 8, 8), got {in_shape}")
+    n_test = n // 4 if n_test is None else n_test
+    rng = np.random.default_rng(seed)
+    d = int(np.prod(in_shape))
+    w1 = rng.standard_normal((d, hidden)) / np.sqrt(d)
+    w2 = rng.standard_normal((hidden, num_classes))
+    x = rng.standard_normal((n + n_test, d))
+    y = np.argmax(np.tanh(x @ w1 * 2.0) @ w2, axis=1)
+    sl = slice(0, n) if split == "train" else slice(n, n + n_test)
+    return _to_data(x[sl].reshape(-1, *in_shape), y[sl], num_classes, "synthetic", split)
