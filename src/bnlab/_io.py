@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 
-def _default(obj: Any):
+def to_jsonable(obj: Any):
+    """JSON fallback for numpy/torch scalars and arrays and Paths."""
     # numpy / torch scalars and arrays, Paths: make them JSON-friendly.
     if hasattr(obj, "tolist"):
         return obj.tolist()
@@ -46,7 +47,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def dumps_json(obj: Any) -> str:
     """JSON with NaN/Infinity allowed (divergence is data) and numpy/torch values converted."""
-    return json.dumps(obj, indent=2, sort_keys=True, default=_default, allow_nan=True)
+    return json.dumps(obj, indent=2, sort_keys=True, default=to_jsonable, allow_nan=True)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

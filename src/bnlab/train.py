@@ -236,7 +236,7 @@ def train(
             if bar is not None:
                 bar.update(1)
                 if t % 10 == 0:
-                    bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}", refresh=False)
             if (t + 1) % eval_every == 0 and t + 1 < steps:
                 do_eval(t + 1)
     finally:

@@ -1,0 +1,190 @@
+"""The ``bnlab`` command line: the only place that parses arguments.
+
+A user's mistake (unknown name, bad value, missing data) prints one line
+``bnlab: error: ...`` and exits with status 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda | cuda:N (default: auto)")
+    p.add_argument("--out", default="runs", help="root of the run directories (default: runs/)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="bnlab", description="Measure and use the optimization effects of normalization (BatchNorm above all).")
+    parser.add_argument("--version", action="version", version=f"bnlab {__import__('bnlab').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    sub.add_parser("list", help="list datasets, models, norms, optimizers and experiments")
+
+    t = sub.add_parser("train", help="train one model and write a run directory", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--data", default="digits", help="dataset (see `bnlab list`)")
+    t.add_argument("--model", default="convnet", help="model (see `bnlab list`)")
+    t.add_argument("--norm", default="bn", help="normalization (see `bnlab list`)")
+    t.add_argument("--lr", type=float, default=0.1, help="learning rate")
+    t.add_argument("--epochs", type=float, default=10, help="passes over the training set")
+    t.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--optimizer", default="sgd", help="sgd | adam | adamw")
+    t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    t.add_argument("--wd", type=float, default=0.0, help="weight decay")
+    t.add_argument("--batch-size", type=int, default=128, help="examples per step")
+    t.add_argument("--full-batch", action="store_true", help="gradient descent on the whole training set")
+    t.add_argument("--width", type=int, default=None, help="model width (model default when omitted)")
+    t.add_argument("--depth", type=int, default=None, help="model depth (model default when omitted)")
+    t.add_argument("--no-affine", action="store_true", help="norm layers without learnable gamma/beta")
+    t.add_argument("--freeze-last", action="store_true", help="fixed classifier (no bias, not trained)")
+    t.add_argument("--seed", type=int, default=0, help="seed of the initialization, the split and the batch order")
+    t.add_argument("--root", default=None, help="data directory for datasets read from disk (cifar10)")
+    t.add_argument("--download", action="store_true", help="fetch cifar10's official archive if it is missing")
+    t.add_argument("--name", default=None, help="run name (default: <data>-<model>-<norm>)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_common(t)
+
+    r = sub.add_parser("run", help="run one registered experiment (figures, summary, verdicts)")
+    r.add_argument("experiment", help="experiment name (see `bnlab list`)")
+    r.add_argument("--profile", default="quick", help="tiny | quick | paper (default: quick)")
+    r.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override a setting of the profile")
+    r.add_argument("--force", action="store_true", help="rerun even if a complete run with the same config exists")
+    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_common(r)
+
+    d = sub.add_parser("demo", help="the main job: train with and without BatchNorm at a large LR and show the evidence")
+    d.add_argument("--profile", default="quick", help="tiny | quick | paper (default: quick)")
+    d.add_argument("--force", action="store_true")
+    _add_common(d)
+    return parser
+
+
+def _cmd_list(args) -> int:
+    from .data import DATASETS
+    from .experiments import EXPERIMENTS
+    from .models import MODELS, NORMS
+    from .train import OPTIMIZERS
+
+    print("datasets:    " + ", ".join(sorted(DATASETS)))
+    print("models:      " + ", ".join(sorted(MODELS)))
+    print("norms:       " + ", ".join(sorted(NORMS)))
+    print("optimizers:  " + ", ".join(OPTIMIZERS))
+    print("experiments:")
+    for name, exp in sorted(EXPERIMENTS.items()):
+        print(f"  {name:<14} {exp.title}  [{exp.source}]")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    import torch
+
+    from . import data as data_mod
+    from . import models
+    from .errors import check_positive
+    from .runs import RunDir, env_info
+    from .train import make_optimizer, resolve_device, train
+
+    # Validate everything before anything is written.
+    check_positive("learning rate", args.lr)
+    if not math.isfinite(args.epochs) or args.epochs < 0:
+        raise UserError(f"epochs must be >= 0, got {args.epochs!r}")
+    if args.steps is not None:
+        check_positive("steps", args.steps, allow_zero=True)
+    check_positive("batch size", args.batch_size)
+    device = resolve_device(args.device)
+    opts = {k: v for k, v in (("width", args.width), ("depth", args.depth)) if v is not None}
+    data_opts = {"download": True} if args.download else {}
+    if args.download and args.data != "cifar10":
+        raise UserError("--download applies to cifar10 only; digits, mnist1d and synthetic are embedded")
+    if args.data not in data_mod.DATASETS:
+        raise UserError(f"unknown dataset {args.data!r}; accepted: {', '.join(sorted(data_mod.DATASETS))}")
+    models.check_norm(args.norm)
+    if args.model not in models.MODELS:
+        raise UserError(f"unknown model {args.model!r}; accepted: {', '.join(sorted(models.MODELS))}")
+    tr, te = data_mod.load_pair(args.data, root=args.root, seed=args.seed, **data_opts)
+    torch.manual_seed(args.seed)
+    model = models.make(args.model, norm=args.norm, in_shape=tr.in_shape, num_classes=tr.num_classes,
+                        affine=not args.no_affine, freeze_last=args.freeze_last, seed=args.seed, **opts)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(params, name=args.optimizer, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    config = {
+        "data": args.data, "model": args.model, "norm": args.norm, "lr": args.lr, "epochs": args.epochs, "steps": args.steps,
+        "optimizer": args.optimizer, "momentum": args.momentum, "weight_decay": args.wd, "batch_size": args.batch_size,
+        "full_batch": args.full_batch, "affine": not args.no_affine, "freeze_last": args.freeze_last, "seed": args.seed, **opts,
+    }
+    name = args.name or f"{args.data}-{args.model}-{args.norm}"
+    run = RunDir.create(args.out, name, config, env=env_info(device=device, seed=args.seed))
+    n_params = sum(p.numel() for p in params)
+    print(f"bnlab train: {args.model} ({args.norm}, {n_params:,} trained parameters) on {args.data} "
+          f"({len(tr)} train / {len(te)} test), {args.optimizer} lr {args.lr}, device {device}", file=sys.stderr)
+    h = train(model, tr, opt, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, full_batch=args.full_batch,
+              eval_data=te, device=device, seed=args.seed, log=run.write, progress=False if args.quiet else "train")
+    summary = h.summary()
+    run.finish(summary)
+    if h.diverged:
+        print(f"diverged: {h.reason}")
+    f = h.final
+    print(f"final  train loss {f.get('train_loss', float('nan')):.4f}  acc {f.get('train_acc', float('nan')):.2%}   "
+          f"test loss {f.get('test_loss', float('nan')):.4f}  acc {f.get('test_acc', float('nan')):.2%}   ({h.steps} steps, {h.seconds:.1f} s)")
+    print(f"run directory: {run.path}")
+    return 0
+
+
+def _print_verdicts(run) -> None:
+    verdicts = run.read_json("verdicts.json")
+    mark = {"holds": "holds", "fails": "FAILS", "inconclusive": "inconclusive"}
+    for v in verdicts:
+        print(f"  [{mark[v['status']]:>12}] {v['statement']}  ({v['source']})")
+        print(f"                 {v['detail']}")
+
+
+def _cmd_run(args, experiment: str | None = None) -> int:
+    from .experiments import run_experiment
+
+    name = experiment or args.experiment
+    run, reused = run_experiment(name, profile=args.profile, out=args.out, overrides=getattr(args, "overrides", None),
+                                 force=args.force, device=args.device, progress=not getattr(args, "quiet", False))
+    print(f"{name} ({args.profile}){' — reused a complete run with the same configuration' if reused else ''}:")
+    _print_verdicts(run)
+    figs = sorted((run.path / "figures").glob("*")) if (run.path / "figures").exists() else []
+    for f in figs:
+        print(f"figure: {f}")
+    print(f"run directory: {run.path}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    return _cmd_run(args, experiment="large-lr")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    handler = {"list": _cmd_list, "train": _cmd_train, "run": _cmd_run, "demo": _cmd_demo}[args.command]
+    try:
+        return handler(args)
+    except UserError as e:
+        print(f"bnlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bnlab: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Run directories: ``<root>/<name>/<id>/`` with everything a report needs, written atomically.
+
+Layout::
+
+    config.json      what was asked for (the config hash names the run)
+    env.json         versions, device, seed, git commit when there is one
+    metrics.jsonl    one JSON line per logged step/eval (streamed to metrics.jsonl.partial,
+                     renamed when the run ends)
+    summary.json     final numbers
+    verdicts.json    experiments only: one verdict per declared claim
+    figures/*.png    experiments only
+    complete         written last: a run without it is unfinished and is never reused
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from ._io import atomic_write_json, atomic_write_text, to_jsonable
+
+COMPLETE = "complete"
+
+
+def config_hash(config: dict) -> str:
+    """First 12 hex digits of the SHA-256 of the canonical JSON of ``config``."""
+    blob = json.dumps(config, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def git_commit(path: Path | None = None) -> Optional[str]:
+    """The git commit of the bnlab source tree, or ``None`` outside a checkout."""
+    here = Path(path or Path(__file__).resolve().parent)
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def env_info(*, device: Any = None, seed: Any = None) -> dict:
+    """Versions and machine facts recorded with every run."""
+    import numpy
+    import torch
+
+    import bnlab
+
+    return {
+        "bnlab": bnlab.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "device": str(device) if device is not None else None,
+        "seed": seed,
+        "git_commit": git_commit(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class RunDir:
+    """One run's directory. Create with :meth:`create`; end with :meth:`finish`."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._metrics = None
+
+    # -------------------------------------------------------------- creation / lookup
+    @classmethod
+    def create(cls, root: str | Path, name: str, config: dict, *, env: Optional[dict] = None, run_id: Optional[str] = None) -> "RunDir":
+        """Make ``root/name/<id>/`` (id = time stamp + config hash) and write config.json, env.json."""
+        h = config_hash(config)
+        base = run_id or f"{time.strftime('%Y%m%d-%H%M%S')}-{h}"
+        path = Path(root) / name / base
+        k = 1
+        while path.exists():
+            k += 1
+            path = Path(root) / name / f"{base}-{k}"
+        path.mkdir(parents=True)
+        run = cls(path)
+        atomic_write_json(path / "config.json", {"name": name, "config_hash": h, "config": config})
+        atomic_write_json(path / "env.json", env if env is not None else env_info())
+        return run
+
+    @staticmethod
+    def find_complete(root: str | Path, name: str, config: dict) -> Optional["RunDir"]:
+        """The newest complete run of ``name`` under ``root`` with the same config hash, if any."""
+        h = config_hash(config)
+        d = Path(root) / name
+        if not d.is_dir():
+            return None
+        for p in sorted(d.iterdir(), reverse=True):
+            if (p / COMPLETE).exists():
+                try:
+                    if json.loads((p / "config.json").read_text())["config_hash"] == h:
+                        return RunDir(p)
+                except (OSError, ValueError, KeyError):
+                    continue
+        return None
+
+    # -------------------------------------------------------------- writing
+    def write(self, record: dict) -> None:
+        """Append one metrics record (a JSON line) to the streaming metrics file."""
+        if self._metrics is None:
+            self._metrics = open(self.path / "metrics.jsonl.partial", "a", encoding="utf-8")
+        self._metrics.write(json.dumps(record, default=to_jsonable, allow_nan=True, separators=(",", ":")) + "\n")
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        """Atomically write ``obj`` as ``<run>/<name>``."""
+        p = self.path / name
+        atomic_write_json(p, obj)
+        return p
+
+    def figure_path(self, name: str) -> Path:
+        """Path for a figure file under ``<run>/figures/``."""
+        d = self.path / "figures"
+        d.mkdir(exist_ok=True)
+        return d / name
+
+    def finish(self, summary: dict) -> None:
+        """Close the metrics stream, write summary.json, then the ``complete`` marker (last)."""
+        self._close_metrics()
+        partial = self.path / "metrics.jsonl.partial"
+        if partial.exists():
+            os.replace(partial, self.path / "metrics.jsonl")
+        elif not (self.path / "metrics.jsonl").exists():
+            atomic_write_text(self.path / "metrics.jsonl", "")
+        atomic_write_json(self.path / "summary.json", summary)
+        atomic_write_text(self.path / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
+
+    def _close_metrics(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+
+    # -------------------------------------------------------------- reading
+    @property
+    def complete(self) -> bool:
+        return (self.path / COMPLETE).exists()
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def metrics(self) -> list[dict]:
+        """All metrics records (from the final file, or the partial one of an unfinished run)."""
+        for fname in ("metrics.jsonl", "metrics.jsonl.partial"):
+            p = self.path / fname
+            if p.exists():
+                with open(p, encoding="utf-8") as f:
+                    return [json.loads(line) for line in f if line.strip()]
+        return []
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
