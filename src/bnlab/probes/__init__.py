@@ -2,5 +2,6 @@
 
 from .base import COST_CLASSES, Probe, StepContext, every, log_spaced
 from .basic import GradNorm, LearningRate, WeightNorm
+from .scale import ScaleInvariantStats
 
-__all__ = ["COST_CLASSES", "Probe", "StepContext", "every", "log_spaced", "GradNorm", "LearningRate", "WeightNorm"]
+__all__ = ["COST_CLASSES", "Probe", "StepContext", "every", "log_spaced", "GradNorm", "LearningRate", "WeightNorm", "ScaleInvariantStats"]

@@ -1,0 +1,192 @@
+"""Probe of the scale-invariant parameter groups: norms, effective LR, angular update, norm identity."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from ..errors import UserError
+from ..scale import ScaleInvariantGroup, angular_update, effective_lr, norm_identity_residual
+from .base import Probe, StepContext
+
+__all__ = ["ScaleInvariantStats"]
+
+_ALL = "all"
+
+
+class ScaleInvariantStats(Probe):
+    """The auto rate-tuning quantities of each scale-invariant group and of all of them (cost: cheap).
+
+    With ``w_t`` and ``g_t = ∇L_B(w_t)`` read at ``after_backward`` (before the optimizer moves the
+    weights), ``η_t`` the LR of the parameter's optimizer group and ``w_{t+1}`` read at
+    ``after_step``, it records per group (keys ``"<group name>/<quantity>"``)::
+
+        weight_norm                 ‖w_t‖
+        grad_norm                   ‖g_t‖
+        effective_lr                η_t / ‖w_t‖²
+        cos_wg                      ⟨w_t, g_t⟩ / (‖w_t‖ ‖g_t‖)        (0 for scale-invariant w)
+        normalized_grad_norm        ‖w_t‖ ‖g_t‖                       (the gradient w.r.t. w/‖w‖)
+        angular_update              ∠(w_t, w_{t+1})                   (radians)
+        norm_identity_rel_residual  (‖w_{t+1}‖² - ‖w_t‖² - η_t² ‖g_t‖²) / ‖w_t‖²
+
+    and the same under ``"all/"`` for all groups together: norms, ``cos_wg`` and the angle of the
+    concatenated vector; ``normalized_grad_norm = sqrt(Σ_i ‖w_i‖² ‖g_i‖²)`` (the gradient w.r.t. all
+    the normalized groups ``w_i/‖w_i‖``); the residual ``Σ_i r_i / Σ_i ‖w_i‖²``; ``effective_lr`` only
+    when all groups share one LR. The residual is zero (round-off and BatchNorm's ``eps``) for
+    plain SGD without momentum or weight decay, and measures how far other optimizers are from
+    that identity. Keys needing the LR are left out when the parameter is in no optimizer group;
+    undefined ratios are ``nan``.
+
+    The probe only reads: ``w_t`` is copied into the probe's own state (one copy of the
+    scale-invariant tensors), nothing in the model or optimizer is written, and no RNG is used.
+
+    Args:
+        groups: the groups, e.g. from :func:`bnlab.scale.find_scale_invariant`, or a mapping
+            ``{name: parameter}``. May be empty (then the probe records nothing).
+        every: run at steps where ``every(step)`` is true; an int ``n`` means every n-th step.
+        name: metric prefix.
+
+    Example:
+        >>> groups = find_scale_invariant(model, (x, y), F.cross_entropy)
+        >>> monitor = Monitor(model, opt, probes=[ScaleInvariantStats(groups)], log=records)
+
+    Reference:
+        Arora, Li, Lyu, Theoretical Analysis of Auto Rate-Tuning by Batch Normalization
+        (ICLR 2019), Lemma 2.4 and Sec. 2.
+    """
+
+    name = "scale"
+    cost = "cheap"
+
+    def __init__(
+        self,
+        groups: Iterable[ScaleInvariantGroup] | Mapping[str, torch.Tensor],
+        every: int | Callable[[int], bool] = 1,
+        *,
+        name: str = "scale",
+    ) -> None:
+        super().__init__(every)
+        self.name = name
+        if isinstance(groups, Mapping):
+            items = list(groups.items())
+        else:
+            items = []
+            for g in groups:
+                if not isinstance(g, ScaleInvariantGroup):
+                    raise UserError(
+                        f"ScaleInvariantStats takes ScaleInvariantGroup objects or a {{name: parameter}} dict, got {type(g).__name__}"
+                    )
+                items.append((g.name, g.param))
+        names = [n for n, _ in items]
+        if len(set(names)) != len(names):
+            raise UserError(f"ScaleInvariantStats: duplicate group names in {names}")
+        if _ALL in names:
+            raise UserError(f"ScaleInvariantStats: {_ALL!r} is reserved for the totals; rename that group")
+        for n, p in items:
+            if not isinstance(p, torch.Tensor):
+                raise UserError(f"ScaleInvariantStats: group {n!r} is not a tensor")
+        self.groups: list[tuple[str, torch.Tensor]] = items
+        self._saved: dict | None = None  # {"step": t, "groups": {name: (w_t copy, ‖w_t‖², ‖g_t‖², η_t)}}
+
+    # ---------------------------------------------------------------- events
+    def after_backward(self, ctx: StepContext) -> dict | None:
+        if not self.groups:
+            return None
+        lrs = _lr_by_param(ctx.optimizer)
+        out: dict = {}
+        saved = {}
+        tot_w2 = tot_g2 = tot_dot = tot_wg2 = 0.0
+        for name, p in self.groups:
+            w = p.detach()
+            g = p.grad.detach() if p.grad is not None else None
+            w64 = w.to(torch.float64)
+            w2 = float(torch.sum(w64 * w64))
+            if g is None:
+                g2 = dot = 0.0
+            else:
+                g64 = g.to(torch.float64)
+                g2, dot = float(torch.sum(g64 * g64)), float(torch.sum(w64 * g64))
+            lr = lrs.get(id(p))
+            saved[name] = (w.clone(), w2, g2, lr)
+            tot_w2, tot_g2, tot_dot, tot_wg2 = tot_w2 + w2, tot_g2 + g2, tot_dot + dot, tot_wg2 + w2 * g2
+            out.update(_stats(name, w2, g2, dot, math.sqrt(w2 * g2), lr))
+        group_lrs = {lr for _, _, _, lr in saved.values()}
+        shared_lr = group_lrs.pop() if len(group_lrs) == 1 else None
+        out.update(_stats(_ALL, tot_w2, tot_g2, tot_dot, math.sqrt(tot_wg2), shared_lr))
+        self._saved = {"step": ctx.step, "groups": saved}
+        return out
+
+    def after_step(self, ctx: StepContext) -> dict | None:
+        saved, self._saved = self._saved, None
+        if not saved or saved["step"] != ctx.step:
+            return None
+        out: dict = {}
+        befores, afters = [], []
+        res_sum, w2_sum, all_have_lr = 0.0, 0.0, True
+        for name, p in self.groups:
+            w_before, w2, g2, lr = saved["groups"][name]
+            w_after = p.detach()
+            a64 = w_after.to(torch.float64)
+            w2_after = float(torch.sum(a64 * a64))
+            befores.append((w_before, w2))
+            afters.append((w_after, w2_after))
+            out[f"{name}/angular_update"] = _angle_or_nan(w_before, w_after)
+            if lr is None:
+                all_have_lr = False
+                continue
+            r = norm_identity_residual(w2, w2_after, lr, g2)
+            out[f"{name}/norm_identity_rel_residual"] = _div(r, w2)
+            res_sum += r
+            w2_sum += w2
+        out[f"{_ALL}/angular_update"] = _joint_angle(befores, afters)
+        if all_have_lr:
+            out[f"{_ALL}/norm_identity_rel_residual"] = _div(res_sum, w2_sum)
+        return out
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _lr_by_param(optimizer) -> dict[int, float]:
+    if optimizer is None:
+        return {}
+    return {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _div(num: float, den: float) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def _stats(prefix: str, w2: float, g2: float, dot: float, normalized_grad_norm: float, lr) -> dict:
+    stats = {
+        f"{prefix}/weight_norm": math.sqrt(w2),
+        f"{prefix}/grad_norm": math.sqrt(g2),
+        f"{prefix}/cos_wg": _div(dot, math.sqrt(w2) * math.sqrt(g2)),
+        f"{prefix}/normalized_grad_norm": normalized_grad_norm,
+    }
+    if lr is not None:
+        stats[f"{prefix}/effective_lr"] = effective_lr(lr, math.sqrt(w2)) if w2 > 0 else math.nan
+    return stats
+
+
+def _angle_or_nan(before: torch.Tensor, after: torch.Tensor) -> float:
+    if not (bool(torch.any(before != 0)) and bool(torch.any(after != 0))):
+        return math.nan
+    return angular_update(before, after)
+
+
+def _joint_angle(befores, afters) -> float:
+    """The angle between the concatenations, ``2 atan2(‖û - v̂‖, ‖û + v̂‖)``, without concatenating."""
+    nu = math.sqrt(sum(w2 for _, w2 in befores))
+    nv = math.sqrt(sum(w2 for _, w2 in afters))
+    if not (nu > 0 and nv > 0):
+        return math.nan
+    diff2 = sum_2 = 0.0
+    for (u, _), (v, _) in zip(befores, afters):
+        u64 = u.reshape(-1).to(torch.float64) / nu
+        v64 = v.reshape(-1).to(torch.float64) / nv
+        diff2 += float(torch.sum((u64 - v64) ** 2))
+        sum_2 += float(torch.sum((u64 + v64) ** 2))
+    return 2.0 * math.atan2(math.sqrt(diff2), math.sqrt(sum_2))
