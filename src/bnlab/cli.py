@@ -64,10 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_common(r)
 
-    d = sub.add_parser("demo", help="the main job: train with and without BatchNorm at a large LR and show the evidence")
-    d.add_argument("--profile", default="quick", help="tiny | quick | paper (default: quick)")
-    d.add_argument("--force", action="store_true")
-    _add_common(d)
+    for cmd, helptext in (("reproduce", "run every registered experiment (reusing complete runs) and build the report"),
+                          ("demo", "the main job: `reproduce --profile quick`")):
+        d = sub.add_parser(cmd, help=helptext)
+        d.add_argument("--profile", default="quick", help="tiny | quick | paper (default: quick)")
+        d.add_argument("--only", default=None, metavar="NAME,...", help="run only these experiments")
+        d.add_argument("--force", action="store_true", help="rerun even complete runs with the same config")
+        d.add_argument("--quiet", action="store_true", help="no progress bars")
+        _add_common(d)
+
+    rp = sub.add_parser("report", help="rebuild report.html from run directories (no training)")
+    rp.add_argument("runs_dir", help="the directory given as --out to reproduce/run")
+    rp.add_argument("--output", default=None, help="where to write the HTML (default: RUNS_DIR/report.html)")
     return parser
 
 
@@ -165,8 +173,28 @@ def _cmd_run(args, experiment: str | None = None) -> int:
     return 0
 
 
-def _cmd_demo(args) -> int:
-    return _cmd_run(args, experiment="large-lr")
+def _cmd_reproduce(args) -> int:
+    import time
+
+    from .reproduce import format_table, reproduce
+
+    t0 = time.perf_counter()
+    report, rows = reproduce(profile=args.profile, only=args.only, out=args.out, force=args.force,
+                             device=args.device, progress=not args.quiet)
+    print(format_table(rows))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("holds", "fails", "inconclusive")}
+    print(f"\n{counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive "
+          f"({time.perf_counter() - t0:.0f} s)")
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import build
+
+    path = build(args.runs_dir, args.output)
+    print(f"report: {path.resolve()}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    handler = {"list": _cmd_list, "train": _cmd_train, "run": _cmd_run, "demo": _cmd_demo}[args.command]
+    handler = {"list": _cmd_list, "train": _cmd_train, "run": _cmd_run, "reproduce": _cmd_reproduce, "demo": _cmd_reproduce,
+               "report": _cmd_report}[args.command]
     try:
         return handler(args)
     except UserError as e:

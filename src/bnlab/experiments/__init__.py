@@ -23,6 +23,34 @@ from ..runs import RunDir, env_info
 HOLDS, FAILS, INCONCLUSIVE = "holds", "fails", "inconclusive"
 PROFILES = ("tiny", "quick", "paper")
 
+#: The source works; a claim's ``source`` is one of these keys (the report has a section per key).
+SOURCES: dict[str, dict[str, str]] = {
+    "Arora, Li, Lyu 2019": {
+        "title": "Theoretical Analysis of Auto Rate-Tuning by Batch Normalization",
+        "venue": "ICLR 2019",
+        "thesis": "Scale invariance lets a fixed learning rate tune itself: the weight norm grows until the "
+                  "effective learning rate η/‖w‖² suits the problem, and GD converges at the rate of well-tuned GD.",
+    },
+    "Santurkar et al. 2018": {
+        "title": "How Does Batch Normalization Help Optimization?",
+        "venue": "NeurIPS 2018",
+        "thesis": "BatchNorm makes the loss landscape smoother (loss, gradients and β-smoothness vary less "
+                  "along the gradient), not internal covariate shift smaller.",
+    },
+    "Bjorck et al. 2018": {
+        "title": "Understanding Batch Normalization",
+        "venue": "NeurIPS 2018",
+        "thesis": "BatchNorm is what allows large learning rates without divergence: without it, activations "
+                  "grow with depth and a large step blows the loss up.",
+    },
+    "Li & Arora 2020": {
+        "title": "An Exponential Learning Rate Schedule for Deep Learning",
+        "venue": "ICLR 2020",
+        "thesis": "With BatchNorm (a scale-invariant loss), weight decay is equivalent to an exponentially "
+                  "growing learning rate without weight decay.",
+    },
+}
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -95,6 +123,9 @@ EXPERIMENTS: dict[str, Experiment] = {}
 def register_experiment(cls):
     """Class decorator: instantiate and register under ``cls.name`` (the CLI name)."""
     inst = cls()
+    unknown = [c.source for c in inst.claims if c.source not in SOURCES]
+    if unknown:
+        raise ValueError(f"experiment {inst.name!r}: claim sources {unknown} not in SOURCES ({', '.join(SOURCES)})")
     missing = [p for p in PROFILES if p not in inst.profiles]
     if missing:
         raise ValueError(f"experiment {inst.name!r} lacks profiles {missing}")
@@ -165,6 +196,10 @@ def run_experiment(
         if prev is not None:
             return prev, True
     run = RunDir.create(out, name, cfg, env=env_info(device=dev, seed=cfg.get("seed")))
+    run.write_json("experiment.json", {
+        "name": exp.name, "title": exp.title, "source": exp.source, "description": exp.description,
+        "claims": [asdict(c) for c in exp.claims],
+    })
     try:
         result = exp.run(cfg, run, device=str(dev), progress=progress)
         run._close_metrics()

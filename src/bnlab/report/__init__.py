@@ -1,0 +1,153 @@
+"""The HTML report: built from run directories alone, never by training.
+
+``build(runs_dir)`` picks the newest complete run of every experiment under ``runs_dir`` and
+writes one self-contained ``report.html`` (figures embedded as data URIs, no assets from
+elsewhere, every string escaped): the claims table first, then a section per source work with
+what it claims, how bnlab measured it, the figures, the numbers, the verdict, the configuration
+and the environment.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .._io import atomic_write_text
+from ..errors import UserError
+from ..runs import COMPLETE, RunDir
+
+STATUS_ORDER = {"fails": 0, "inconclusive": 1, "holds": 2}
+
+
+@dataclass
+class ExperimentRun:
+    """What the report needs of one complete experiment run."""
+
+    name: str
+    path: Path
+    meta: dict
+    config: dict
+    env: dict
+    summary: dict
+    verdicts: list[dict]
+    figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, data URI)
+
+    @property
+    def profile(self) -> str:
+        return str(self.config.get("profile", ""))
+
+
+def _latest_complete(exp_dir: Path) -> Optional[Path]:
+    runs = [p for p in exp_dir.iterdir() if p.is_dir() and (p / COMPLETE).exists() and (p / "verdicts.json").exists()]
+    if not runs:
+        return None
+    return max(runs, key=lambda p: ((p / COMPLETE).stat().st_mtime, p.name))
+
+
+def _data_uri(png: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
+
+
+def collect(runs_dir: str | Path) -> list[ExperimentRun]:
+    """The newest complete run of each experiment under ``runs_dir`` (sorted by name)."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise UserError(f"no such runs directory: {root}")
+    found = []
+    for exp_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        path = _latest_complete(exp_dir)
+        if path is None:
+            continue
+        run = RunDir(path)
+        try:
+            meta = run.read_json("experiment.json")
+            cfg = run.read_json("config.json")["config"]
+            found.append(ExperimentRun(
+                name=meta["name"], path=path, meta=meta, config=cfg, env=run.read_json("env.json"),
+                summary=run.read_json("summary.json"), verdicts=run.read_json("verdicts.json"),
+                figures=[(f.name, _data_uri(f)) for f in sorted((path / "figures").glob("*.png"))] if (path / "figures").is_dir() else [],
+            ))
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"unreadable run directory {path}: {e}") from None
+    if not found:
+        raise UserError(f"no complete experiment runs under {root} (run `bnlab reproduce --out {root}` first)")
+    return found
+
+
+def claims_table(runs: list[ExperimentRun]) -> list[dict]:
+    """One row per claim: id, statement, source, experiment, status, value, detail."""
+    rows = []
+    for r in runs:
+        for v in r.verdicts:
+            rows.append({**v, "experiment": r.name, "profile": r.profile})
+    return rows
+
+
+def _fmt_value(v) -> str:
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        return f"{v:.4g}"
+    if v is None:
+        return "—"
+    return str(v)
+
+
+def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "") -> str:
+    """The report's HTML (a string)."""
+    import jinja2
+
+    from ..experiments import SOURCES
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("bnlab", "report"),
+        autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = _fmt_value
+    env.filters["pretty"] = lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str)
+    rows = claims_table(runs)
+    sources = []
+    shown: dict[str, str] = {}  # experiment -> anchor of the section that shows its figures
+    known = list(SOURCES) + sorted({r["source"] for r in rows} - set(SOURCES))
+    for key in known:
+        claims = [r for r in rows if r["source"] == key]
+        if not claims:
+            continue
+        exp_names = []
+        for c in claims:
+            if c["experiment"] not in exp_names:
+                exp_names.append(c["experiment"])
+        anchor = "src-" + "".join(ch if ch.isalnum() else "-" for ch in key.lower())
+        exps = [r for r in runs if r.name in exp_names]
+        sources.append({
+            "key": key, "info": SOURCES.get(key, {"title": key, "venue": "", "thesis": ""}), "claims": claims,
+            "experiments": [r for r in exps if r.name not in shown],
+            "shown_elsewhere": [(r.name, shown[r.name]) for r in exps if r.name in shown],
+            "anchor": anchor,
+        })
+        for r in exps:
+            shown.setdefault(r.name, anchor)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("holds", "fails", "inconclusive")}
+    profiles = sorted({r.profile for r in runs})
+    return env.get_template("report.html.j2").render(
+        rows=rows, sources=sources, runs=runs, counts=counts, profiles=profiles, runs_dir=str(runs_dir),
+        generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    )
+
+
+def build(runs_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` (default: ``<runs_dir>/report.html``) from the run directories."""
+    runs = collect(runs_dir)
+    out = Path(out) if out is not None else Path(runs_dir) / "report.html"
+    atomic_write_text(out, render(runs, runs_dir=runs_dir))
+    return out
+
+
+__all__ = ["build", "collect", "render", "claims_table", "ExperimentRun"]

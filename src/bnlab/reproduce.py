@@ -1,0 +1,82 @@
+"""``bnlab reproduce``: every registered experiment, one report.
+
+Each experiment runs into its own run directory, which is marked complete only at its end; a
+rerun reuses every complete run with the same configuration hash, so an interrupted
+``reproduce`` loses nothing that completed and redoes only what did not.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from .errors import UserError
+from .experiments import EXPERIMENTS, PROFILES, get_experiment, run_experiment
+from .report import build
+
+
+def select(only: str | list[str] | None) -> list[str]:
+    """Experiment names to run: all registered ones, or those named in ``only`` (comma-separated)."""
+    if not only:
+        return sorted(EXPERIMENTS)
+    names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
+    for n in names:
+        get_experiment(n)  # raises a UserError listing the accepted names
+    return names
+
+
+def reproduce(
+    *,
+    profile: str = "quick",
+    only: str | list[str] | None = None,
+    out: str | Path = "runs",
+    force: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> tuple[Path, list[dict]]:
+    """Run (or reuse) the selected experiments, then build ``<out>/report.html``.
+
+    Returns:
+        ``(report_path, rows)`` with one row per claim (experiment, id, statement, source, status,
+        value, detail, reused, seconds).
+    """
+    if profile not in PROFILES:
+        raise UserError(f"unknown profile {profile!r}; accepted: {', '.join(PROFILES)}")
+    names = select(only)
+    rows: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(names), desc="reproduce", unit="experiment", position=0, dynamic_ncols=True)
+    try:
+        for name in names:
+            if bar is not None:
+                bar.set_postfix_str(name)
+            t0 = time.perf_counter()
+            run, reused = run_experiment(name, profile=profile, out=out, force=force, device=device, progress=progress)
+            seconds = time.perf_counter() - t0
+            for v in run.read_json("verdicts.json"):
+                rows.append({**v, "experiment": name, "reused": reused, "seconds": seconds, "run": str(run.path)})
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    report = build(out)
+    return report, rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The claims table for the terminal."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "—" if v is None else str(v)
+
+    head = ("claim", "source", "verdict", "key number")
+    body = [(f"{r['experiment']}/{r['id']}", r["source"], r["status"].upper() if r["status"] == "fails" else r["status"], fmt(r["value"])) for r in rows]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(4)]
+    line = lambda cols: "  ".join(str(c).ljust(w) for c, w in zip(cols, widths)).rstrip()
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
