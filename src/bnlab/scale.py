@@ -653,8 +653,8 @@ def angular_update(w_before: torch.Tensor, w_after: torch.Tensor) -> float:
     if u.numel() != v.numel():
         raise UserError(f"angular_update needs tensors of the same size, got {u.numel()} and {v.numel()} elements")
     nu, nv = u.norm(), v.norm()
-    if not (float(nu) > 0 and float(nv) > 0):
-        raise UserError("angular_update needs nonzero tensors")
+    if not (float(nu) > 0 and float(nv) > 0 and math.isfinite(float(nu)) and math.isfinite(float(nv))):
+        raise UserError(f"the angle needs nonzero finite tensors, got norms {float(nu)!r} and {float(nv)!r}")
     u, v = u / nu, v / nv
     return float(2.0 * torch.atan2((u - v).norm(), (u + v).norm()))
 

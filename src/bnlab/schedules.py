@@ -1,0 +1,935 @@
+"""Exponential learning rates that are exactly equivalent to weight decay (Li & Arora, ICLR 2020).
+
+If the loss is scale-invariant in all trained parameters jointly (``L(c w) = L(w)`` for ``c > 0``,
+e.g. every trained weight feeds a normalization layer and BN's affine parameters and the last
+layer are frozen), then SGD with momentum ``γ``, learning rate ``η`` and weight decay ``λ``
+(PyTorch convention)::
+
+    v_t = γ v_{t-1} + ∇L(w_t) + λ w_t,      w_{t+1} = w_t - η v_t,      v_{-1} = 0
+
+and SGD with the same ``γ``, **no** weight decay and the learning rate ``η̃_t = η α^{-2t-1}``::
+
+    ṽ_t = γ ṽ_{t-1} + ∇L(w̃_t),             w̃_{t+1} = w̃_t - η̃_t ṽ_t,   ṽ_{-1} = -λ/(α-γ) · w_0
+
+visit the same directions: ``w̃_t = α^{-t} w_t`` for every ``t``, where ``α`` is the larger root
+of ``x² - (1 + γ - λη) x + γ = 0``.
+
+Derivation (the one the code and tests follow). Eliminating the buffer, the weight-decay run is
+``w_{t+1} = (1 + γ - ηλ) w_t - γ w_{t-1} - η ∇L(w_t)`` with the *virtual previous iterate*
+``w_{-1} = w_0`` (that is what ``v_{-1} = 0`` means). The exponential run is
+``w̃_{t+1} = (1 + γ ρ_t) w̃_t - γ ρ_t w̃_{t-1} - η̃_t ∇L(w̃_t)`` with ``ρ_t = η̃_t / η̃_{t-1}`` and
+``w̃_{-1} = w̃_0 + η̃_{-1} ṽ_{-1}``. Substituting ``w̃_t = s_t w_t`` and ``∇L(s w) = ∇L(w)/s``
+and matching coefficients gives ``η̃_t = η s_t s_{t+1}`` and ``s_t/s_{t+1} + γ s_t/s_{t-1} =
+1 + γ - ηλ``, solved by ``s_t = α^{-t}`` with ``α + γ/α = 1 + γ - ηλ``. The initial condition
+``w̃_{-1} = s_{-1} w_{-1} = α w_0`` with ``η̃_{-1} = η α`` gives the buffer preset
+``ṽ_{-1} = -(1-α)/(ηα) · w_0``, which equals ``-λ/(α-γ) · w_0`` (from ``(1-α)(1-γ/α) = ηλ``;
+this form has no cancellation when ``α ≈ 1``). PyTorch's SGD computes ``buf = γ·buf + g`` when
+a buffer is already in ``optimizer.state[p]["momentum_buffer"]`` (it only clones ``g`` when there
+is none), so presetting that state to ``ṽ_{-1}`` makes the first step exact. For ``γ = 0`` the
+buffer does not exist and nothing is preset. With a zero buffer instead the exponential run is
+the weight-decay run started from the buffer ``v_{-1} = λ/(α-γ) · w_0``: a different run.
+
+More generally the map between the two runs is ``ṽ_t = (v_t - κ w_{t+1}) / s_{t+1}`` with
+``κ = λ/(α-γ) = (1-α)/(ηα)``; in particular a weight-decay run can be *continued* exactly by an
+exponential run: set the optimizer's ``weight_decay`` to 0 and attach :class:`ExpLR`; the existing
+buffer ``v`` is then replaced by ``v - κ w``.
+
+TEXP (piecewise-constant ``η_I`` from step ``T_I`` on, the equivalent of step decay with weight
+decay): the same substitution with ``η̃_t = η_t s_t s_{t+1}`` and ``s_{t+1} = s_t / α(η_t)`` is exact
+inside each phase; at a boundary ``τ = T_I`` the weight-decay recursion has the extra factor
+``η_I/η_{I-1}`` on the momentum term, which the geometric growth ``s_{t+1} = s_t/α_I`` does not
+absorb (only a transient, non-geometric ``s_t`` would). TEXP keeps the geometric schedule and
+corrects the buffer instead: restarting the map at ``τ`` with the virtual previous iterate of
+the new phase, ``w_τ + η_I v_{τ-1}``, gives the exact correction::
+
+    ṽ_{τ-1}  ←  ṽ_{τ-1} + (κ_{I-1} - κ_I) · w̃_τ / s_τ²,        κ_J = λ/(α_J - γ)
+
+and the learning rate ``η̃_t = η_I α_I^{-2 n_I - 1} ∏_{J<I} α_J^{-2 n_J}`` (``n_J`` = steps
+already taken in phase ``J``). So at a boundary the LR is multiplied by
+``(η_I/η_{I-1}) / (α_{I-1} α_I)`` and then grows by ``α_I^{-2}`` per step (a boundary factor
+``(η_I/η_{I-1}) α_I^{-2}`` is not exact: it is a weight-decay run whose weights were rescaled at the
+boundary, and weight decay is not scale-equivariant). The initial preset is the same formula
+with ``κ_{-1} = 0``. Without momentum no correction is needed (``α = 1 - ηλ`` makes the map exact
+step by step).
+
+Renormalization. For scale-invariant parameters the state ``(w, v, η)`` can be replaced by
+``(w/c, c v, η/c²)`` without changing any later direction; with ``c = 2^k`` every multiplication
+by ``c`` is exact in binary floating point (barring overflow/subnormals), and so is every
+quantity PyTorch computes from the rescaled state when the loss is computed scale-equivariantly
+(sums, products, divisions and square roots of exactly scaled numbers), so the rescaled run is
+*bit-identical* to the unrescaled one up to the factor ``2^k``. The schedulers rescale whenever the
+joint norm leaves ``[ref/B, ref·B]`` (``ref`` = initial norm, ``B = renorm_bound``), keeping an
+exponential schedule inside float32's range indefinitely.
+
+Reference:
+    Z. Li, S. Arora. An Exponential Learning Rate Schedule for Deep Learning. ICLR 2020.
+    https://arxiv.org/abs/1910.07454 (Theorem 2.1 and the TEXP schedule, Sec. 4; the buffer
+    preset and the TEXP boundary correction above were derived here and are verified numerically
+    in ``tests/property/test_schedules.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from .errors import UserError
+
+__all__ = [
+    "wd_equivalent_alpha",
+    "wd_equivalent_lr",
+    "wd_equivalent_buffer",
+    "texp_lr",
+    "step_decay_lr",
+    "ExpLR",
+    "TEXP",
+    "angle_between",
+    "compare_trajectories",
+    "make_fully_scale_invariant",
+]
+
+# math.pow is used directly while |exponent · log2(base)| stays below this (no overflow);
+# beyond it the power is assembled from a mantissa and a binary exponent.
+_DIRECT_POW_LOG2 = 960.0
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_hparams(lr: float, weight_decay: float, momentum: float) -> tuple[float, float, float]:
+    for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value!r}")
+    if not lr > 0:
+        raise UserError(f"lr must be > 0, got {lr!r}")
+    if not weight_decay >= 0:
+        raise UserError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not 0 <= momentum < 1:
+        raise UserError(f"momentum must be in [0, 1), got {momentum!r}")
+    return float(lr), float(weight_decay), float(momentum)
+
+
+def _alpha(lr: float, weight_decay: float, momentum: float) -> float:
+    lr, weight_decay, momentum = _check_hparams(lr, weight_decay, momentum)
+    x, g = lr * weight_decay, momentum
+    # Discriminant of x² - (1+γ-ηλ)x + γ, written without the cancellation of (1+γ)² - 4γ.
+    disc = (1.0 - g) ** 2 - x * (2.0 * (1.0 + g) - x)
+    limit = (1.0 - math.sqrt(g)) ** 2
+    if -1e-15 < disc < 0:
+        disc = 0.0  # a double root missed by round-off (ηλ given as (1-√γ)² in floating point)
+    if disc < 0 or 1.0 + g - x <= 0 or (g == 0 and x >= 1):
+        raise UserError(
+            f"lr*weight_decay = {x:.6g} is too large for momentum {g:g}: the equivalent exponential "
+            f"schedule needs a real root alpha > 0, i.e. lr*weight_decay <= (1 - sqrt(momentum))**2 "
+            f"= {limit:.6g} (and < 1 without momentum)"
+        )
+    return (1.0 + g - x + math.sqrt(disc)) / 2.0
+
+
+def _kappa(alpha: float, weight_decay: float, momentum: float) -> float:
+    """κ = λ/(α-γ) = (1-α)/(ηα): the weight coefficient of the buffer map."""
+    return weight_decay / (alpha - momentum)
+
+
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise UserError(f"step must be an integer >= 0, got {step!r}")
+    return step
+
+
+def _check_phases(lr_phases: Any) -> list[tuple[int, float]]:
+    try:
+        phases = [(start, lr) for start, lr in lr_phases]
+    except (TypeError, ValueError):
+        raise UserError(f"lr_phases must be a list of (start_step, lr) pairs, got {lr_phases!r}") from None
+    if not phases:
+        raise UserError("lr_phases must contain at least one (start_step, lr) pair")
+    out: list[tuple[int, float]] = []
+    for start, lr in phases:
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise UserError(f"lr_phases start steps must be integers >= 0, got {start!r}")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"lr_phases learning rates must be finite and > 0, got {lr!r}")
+        if out and start <= out[-1][0]:
+            raise UserError(f"lr_phases start steps must be strictly increasing, got {[s for s, _ in phases]}")
+        out.append((start, float(lr)))
+    if out[0][0] != 0:
+        raise UserError(f"the first phase of lr_phases must start at step 0, got {out[0][0]}")
+    return out
+
+
+# --------------------------------------------------------------------------- exact powers
+
+
+def _frexp_pow(base: float, exponent: int) -> tuple[float, int]:
+    """``base**exponent`` as ``(m, e)`` with ``m·2^e`` the value, without overflow.
+
+    In range it is ``math.frexp(base ** exponent)`` (so results agree bit for bit with the plain
+    power); far out of range it is assembled by binary exponentiation on ``(m, e)`` pairs
+    (relative error ~1e-14, irrelevant there since the plain power would be ``inf`` or ``0``).
+    """
+    if exponent == 0 or base == 1.0:
+        return 0.5, 1
+    log2_size = abs(exponent * math.log2(base))
+    if log2_size < _DIRECT_POW_LOG2:
+        return math.frexp(base**exponent)
+    chunk = max(1, int(_DIRECT_POW_LOG2 / abs(math.log2(base))))
+    q, r = divmod(abs(exponent), chunk)
+    sign = 1 if exponent > 0 else -1
+    bm, be = math.frexp(base ** (sign * chunk))
+    m, e = math.frexp(base ** (sign * r)) if r else (0.5, 1)
+    while q:
+        if q & 1:
+            m, de = math.frexp(m * bm)
+            e += be + de
+        bm, de = math.frexp(bm * bm)
+        be = 2 * be + de
+        q >>= 1
+    return m, e
+
+
+def _ldexp(m: float, e: int) -> float:
+    try:
+        return math.ldexp(m, e)
+    except OverflowError:
+        return math.inf
+
+
+class _Phase:
+    """One constant-LR phase of the weight-decay run and its exponential counterpart."""
+
+    __slots__ = ("start", "lr", "alpha", "kappa")
+
+    def __init__(self, start: int, lr: float, weight_decay: float, momentum: float) -> None:
+        self.start = start
+        self.lr = lr
+        self.alpha = _alpha(lr, weight_decay, momentum)
+        self.kappa = _kappa(self.alpha, weight_decay, momentum)
+
+
+def _make_phases(lr_phases, weight_decay, momentum) -> list[_Phase]:
+    phases = _check_phases(lr_phases)
+    _check_hparams(phases[0][1], weight_decay, momentum)
+    return [_Phase(start, lr, weight_decay, momentum) for start, lr in phases]
+
+
+def _phase_index(phases: Sequence[_Phase], step: int) -> int:
+    index = 0
+    for i, phase in enumerate(phases):
+        if phase.start <= step:
+            index = i
+    return index
+
+
+def _steps_in(phases: Sequence[_Phase], j: int, step: int) -> int:
+    """Steps of phase ``j`` taken before ``step``."""
+    end = phases[j + 1].start if j + 1 < len(phases) else step
+    return max(0, min(step, end) - phases[j].start)
+
+
+def _lr_frexp(phases: Sequence[_Phase], step: int) -> tuple[float, int]:
+    """``η̃_t = η_I α_I^{-2 n_I - 1} ∏_{J<I} α_J^{-2 n_J}`` as ``(m, e)``."""
+    i = _phase_index(phases, step)
+    m, e = _frexp_pow(phases[i].alpha, -(2 * _steps_in(phases, i, step) + 1))
+    m = phases[i].lr * m  # exact scaling by 2^e keeps this equal to fl(η·α^p) when in range
+    for j in range(i):
+        pm, pe = _frexp_pow(phases[j].alpha, -2 * _steps_in(phases, j, step))
+        m, de = math.frexp(m * pm)
+        e += pe + de
+    return m, e
+
+
+def _inv_scale_sq_frexp(phases: Sequence[_Phase], step: int) -> tuple[float, int]:
+    """``1/s_t² = ∏_J α_J^{2 n_J}`` as ``(m, e)``."""
+    m, e = 0.5, 1
+    for j in range(_phase_index(phases, step) + 1):
+        pm, pe = _frexp_pow(phases[j].alpha, 2 * _steps_in(phases, j, step))
+        m, de = math.frexp(m * pm)
+        e += pe + de
+    return m, e
+
+
+# --------------------------------------------------------------------------- pure schedules
+
+
+def wd_equivalent_alpha(*, lr: float, weight_decay: float, momentum: float) -> float:
+    """Growth constant of the exponential schedule equivalent to weight decay.
+
+    ``α`` is the larger root of ``x² - (1 + γ - λη) x + γ = 0``; ``α ≈ 1 - ηλ/(1-γ)``, and
+    ``α = 1 - ηλ`` exactly for ``γ = 0``.
+
+    Args:
+        lr: ``η > 0`` of the weight-decay run.
+        weight_decay: ``λ >= 0``.
+        momentum: ``γ`` in ``[0, 1)``; the roots are real only for ``ηλ <= (1 - √γ)²``.
+
+    Returns:
+        ``α`` in ``(0, 1]``.
+
+    Raises:
+        UserError: for values outside these ranges.
+
+    Example:
+        >>> wd_equivalent_alpha(lr=0.1, weight_decay=0.01, momentum=0.0)
+        0.999
+
+    Reference:
+        Li & Arora (ICLR 2020), Theorem 2.1.
+    """
+    return _alpha(lr, weight_decay, momentum)
+
+
+def wd_equivalent_lr(step: int, *, lr: float, weight_decay: float, momentum: float) -> float:
+    """Learning rate at ``step`` of the exponential schedule equivalent to weight decay.
+
+    ``η̃_t = η · α^{-2t-1}`` with ``α`` from :func:`wd_equivalent_alpha`. SGD without weight decay,
+    momentum ``γ``, this LR and the momentum buffer preset :func:`wd_equivalent_buffer` follows
+    ``w̃_t = α^{-t} w_t`` where ``w_t`` is SGD with ``(η, λ, γ)``, provided the loss is
+    scale-invariant in all trained parameters jointly.
+
+    Args:
+        step: ``t >= 0``, the number of optimizer steps already taken.
+        lr: ``η`` of the weight-decay run.
+        weight_decay: ``λ``.
+        momentum: ``γ``.
+
+    Returns:
+        ``η̃_t`` as a float (``inf`` once it exceeds the float range; use :class:`ExpLR` with
+        ``renormalize=True`` for long runs).
+
+    Example:
+        >>> wd_equivalent_lr(0, lr=0.1, weight_decay=0.0, momentum=0.9)
+        0.1
+
+    Reference:
+        Li & Arora (ICLR 2020), Theorem 2.1.
+    """
+    phases = _make_phases([(0, lr)], weight_decay, momentum)
+    return _ldexp(*_lr_frexp(phases, _check_step(step)))
+
+
+def wd_equivalent_buffer(
+    weight: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    wd_buffer: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Momentum buffer that makes an exponential-LR run continue a weight-decay run exactly.
+
+    ``ṽ = v - κ w`` with ``κ = λ/(α-γ) = (1-α)/(ηα)``; for a fresh run (``v_{-1} = 0``) this is the
+    preset ``ṽ_{-1} = -(1-α)/(ηα) · w_0`` to store in ``optimizer.state[p]["momentum_buffer"]``
+    before the first step (PyTorch then computes ``γ ṽ_{-1} + g_0``).
+
+    Args:
+        weight: the current weights ``w`` (``w_0`` for a fresh run).
+        lr: ``η``; weight_decay: ``λ``; momentum: ``γ`` (of the weight-decay run).
+        wd_buffer: the weight-decay run's buffer ``v_{t-1}``, or ``None`` for ``0``.
+
+    Returns:
+        The buffer for the exponential run (a new tensor like ``weight``).
+
+    Reference:
+        Derived in this module's docstring (Li & Arora, ICLR 2020, map the momentum too).
+    """
+    alpha = _alpha(lr, weight_decay, momentum)
+    out = weight.detach() * (-_kappa(alpha, weight_decay, momentum))
+    if wd_buffer is not None:
+        out = out + wd_buffer.detach()
+    return out
+
+
+def texp_lr(step: int, *, lr_phases, weight_decay: float, momentum: float) -> float:
+    """Learning rate at ``step`` of TEXP, the exponential equivalent of step decay with weight decay.
+
+    With phases ``(T_I, η_I)`` and ``n_J`` the steps already taken in phase ``J``::
+
+        η̃_t = η_I · α_I^{-2 n_I - 1} · ∏_{J<I} α_J^{-2 n_J},    α_J = wd_equivalent_alpha(η_J, λ, γ)
+
+    i.e. the LR grows by ``α_I^{-2}`` per step in phase ``I`` and is multiplied by
+    ``(η_I/η_{I-1}) / (α_{I-1} α_I)`` at a boundary. Exact together with the buffer correction
+    of :class:`TEXP` (see the module docstring).
+
+    Args:
+        step: ``t >= 0``.
+        lr_phases: ``[(0, η_0), (T_1, η_1), ...]``, start steps strictly increasing.
+        weight_decay: ``λ``; momentum: ``γ``.
+
+    Returns:
+        ``η̃_t`` (``inf`` past the float range).
+
+    Reference:
+        Li & Arora (ICLR 2020), Sec. 4 (TEXP); boundary factor derived here (the paper's exact
+        boundary treatment was not confirmed, see REFERENCES.md §4).
+    """
+    phases = _make_phases(lr_phases, weight_decay, momentum)
+    return _ldexp(*_lr_frexp(phases, _check_step(step)))
+
+
+def step_decay_lr(step: int, *, lr_phases) -> float:
+    """Piecewise-constant LR: ``η_t = η_I`` for ``T_I <= t < T_{I+1}`` (the weight-decay run of TEXP).
+
+    Args:
+        step: ``t >= 0``.
+        lr_phases: ``[(0, η_0), (T_1, η_1), ...]``.
+
+    Returns:
+        ``η_t``.
+    """
+    phases = _check_phases(lr_phases)
+    step = _check_step(step)
+    return [lr for start, lr in phases if start <= step][-1]
+
+
+# --------------------------------------------------------------------------- schedulers
+
+
+def _resolve_managed(optimizer, params) -> tuple[list[int], list[torch.Tensor]]:
+    groups = optimizer.param_groups
+    if params is None:
+        managed = list(range(len(groups)))
+    else:
+        wanted = {id(p): p for p in params}
+        if not wanted:
+            raise UserError("params is empty; pass the optimizer's scale-invariant parameters or None for all")
+        seen: set[int] = set()
+        managed = []
+        for i, group in enumerate(groups):
+            ids = [id(p) for p in group["params"]]
+            inside = [pid in wanted for pid in ids]
+            if all(inside):
+                managed.append(i)
+            elif any(inside):
+                raise UserError(
+                    f"optimizer param group {i} mixes parameters in params with others; the LR is "
+                    "per group, so put the scale-invariant parameters in groups of their own"
+                )
+            seen.update(ids)
+        missing = [pid for pid in wanted if pid not in seen]
+        if missing:
+            raise UserError(f"{len(missing)} tensor(s) in params are not in the optimizer; accepted: its parameters")
+    tensors = [p for i in managed for p in groups[i]["params"]]
+    if not tensors:
+        raise UserError("the optimizer has no parameters to schedule")
+    return managed, tensors
+
+
+class _WDEquivalentSchedule(LRScheduler):
+    """Shared machinery of :class:`ExpLR` and :class:`TEXP` (see the module docstring)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr_phases,
+        *,
+        weight_decay: float,
+        momentum: float,
+        renormalize: bool,
+        params: Optional[Iterable[torch.Tensor]],
+        renorm_bound: float,
+        what: str,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.SGD):
+            raise UserError(
+                f"{what} needs torch.optim.SGD (with or without momentum), got {type(optimizer).__name__}"
+            )
+        self._phases = _make_phases(lr_phases, weight_decay, momentum)
+        self._weight_decay = float(weight_decay)
+        self._momentum = float(momentum)
+        if not isinstance(renormalize, bool):
+            raise UserError(f"renormalize must be True or False, got {renormalize!r}")
+        if isinstance(renorm_bound, bool) or not isinstance(renorm_bound, (int, float)) or not 2 <= renorm_bound < math.inf:
+            raise UserError(f"renorm_bound must be a number >= 2, got {renorm_bound!r}")
+        self._renormalize = renormalize
+        self._renorm_bound = float(renorm_bound)
+        self._managed, self._params = _resolve_managed(optimizer, params)
+        for i in self._managed:
+            group = optimizer.param_groups[i]
+            if group.get("nesterov", False):
+                raise UserError(f"{what} cannot make Nesterov momentum equivalent to weight decay; use nesterov=False")
+            if group.get("dampening", 0) != 0:
+                raise UserError(f"{what} needs dampening=0 in the optimizer, got {group['dampening']!r}")
+            if float(group.get("weight_decay", 0)) != 0:
+                raise UserError(
+                    f"{what} replaces weight decay: build the optimizer with weight_decay=0 "
+                    f"(got {float(group['weight_decay'])!r}) and pass weight_decay={weight_decay!r} to {what}"
+                )
+            if float(group.get("momentum", 0)) != self._momentum:
+                raise UserError(
+                    f"the optimizer's momentum {float(group['momentum'])!r} differs from momentum="
+                    f"{momentum!r} given to {what}; they must be equal"
+                )
+        self._log2_scale = 0  # k: the optimizer holds w̃ / 2^k, buffers 2^k ṽ, LR η̃ / 4^k
+        ref = self._joint_norm()
+        if not (math.isfinite(ref) and ref > 0):
+            raise UserError(f"{what} needs finite, nonzero parameters (their joint norm is {ref!r})")
+        self._ref_norm = ref
+        self.renormalizations = 0
+        super().__init__(optimizer)
+
+    # -- torch LRScheduler protocol ---------------------------------------------------
+
+    def step(self, epoch: Optional[int] = None) -> None:  # noqa: D401 - torch's signature
+        """Advance one optimizer step: rescale if needed, correct the buffer at a phase start, set the LR."""
+        if epoch is not None:
+            raise UserError("ExpLR/TEXP count optimizer steps themselves; call step() without an epoch")
+        upcoming = self.last_epoch + 1  # the index t of the optimizer step about to be taken
+        with torch.no_grad():
+            if self._renormalize:
+                self._maybe_renormalize()
+            for i, phase in enumerate(self._phases):
+                if phase.start == upcoming:
+                    self._correct_buffers(self._phases[i - 1].kappa if i else 0.0, phase.kappa, upcoming)
+        super().step()
+
+    def get_lr(self) -> list[Any]:
+        """Learning rates for step ``last_epoch``: ``η̃_t / 4^k`` on the managed groups."""
+        m, e = _lr_frexp(self._phases, self.last_epoch)
+        lr = _ldexp(m, e - 2 * self._log2_scale)
+        managed = set(self._managed)
+        return [lr if i in managed else group["lr"] for i, group in enumerate(self.optimizer.param_groups)]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scheduler state without the optimizer and the parameter tensors."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "_params")}
+
+    # -- the un-rescaled run ------------------------------------------------------------
+
+    @property
+    def log2_scale(self) -> int:
+        """``k`` such that the un-rescaled exponential run's weights are ``w̃ = 2^k · p``."""
+        return self._log2_scale
+
+    @property
+    def rescale_factor(self) -> float:
+        """``c = 2^k``: multiply the optimizer's parameters by it to get the un-rescaled ``w̃``."""
+        return _ldexp(1.0, self._log2_scale)
+
+    def unrescaled_lr(self, step: Optional[int] = None) -> float:
+        """The LR ``η̃_t`` of the un-rescaled run at ``step`` (default: the current step)."""
+        step = self.last_epoch if step is None else _check_step(step)
+        return _ldexp(*_lr_frexp(self._phases, step))
+
+    def wd_run_factor(self) -> float:
+        """``f`` with ``w_t = f · p``: maps the optimizer's parameters to the weight-decay run's weights.
+
+        ``f = 2^k / s_t = 2^k ∏_J α_J^{n_J}`` (``inf``/``0`` only in the unlikely event that it
+        leaves the float range). Valid between steps, for ``t = last_epoch``.
+        """
+        m, e = _inv_scale_sq_frexp(self._phases, self.last_epoch)
+        # sqrt of m·2^e with e made even
+        if e % 2:
+            m, e = 2 * m, e - 1
+        return _ldexp(math.sqrt(m), e // 2 + self._log2_scale)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _joint_norm(self) -> float:
+        total = torch.zeros((), dtype=torch.float64)
+        for p in self._params:
+            total = total + p.detach().to(torch.float64).pow(2).sum().cpu()
+        return math.sqrt(float(total))
+
+    def _buffers(self) -> list[Optional[torch.Tensor]]:
+        return [self.optimizer.state.get(p, {}).get("momentum_buffer") for p in self._params]
+
+    def _maybe_renormalize(self) -> None:
+        norm = self._joint_norm()
+        if not (math.isfinite(norm) and norm > 0):
+            return  # diverged or zero: leave it to the caller to notice
+        ratio = norm / self._ref_norm
+        if 1.0 / self._renorm_bound <= ratio <= self._renorm_bound:
+            return
+        # |log2 ratio| > 1 here (bound >= 2), so j != 0 and the new ratio is within [2^-1/2, 2^1/2]
+        j = round(math.log2(ratio))
+        down, up = _ldexp(1.0, -j), _ldexp(1.0, j)
+        for p, buf in zip(self._params, self._buffers()):
+            p.mul_(down)
+            if buf is not None:
+                buf.mul_(up)
+        self._log2_scale += j
+        self.renormalizations += 1
+
+    def _correct_buffers(self, kappa_before: float, kappa_after: float, step: int) -> None:
+        """``ṽ += (κ_{I-1} - κ_I) · w / σ²`` in the optimizer's (rescaled) units, ``σ = s_t / 2^k``."""
+        if self._momentum == 0:
+            return  # SGD without momentum has no buffer; the equivalence needs none
+        m, e = _inv_scale_sq_frexp(self._phases, step)
+        coeff = _ldexp((kappa_before - kappa_after) * m, e + 2 * self._log2_scale)
+        for p in self._params:
+            state = self.optimizer.state[p]
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["momentum_buffer"] = buf
+            buf.add_(p.detach(), alpha=coeff)
+
+
+class ExpLR(_WDEquivalentSchedule):
+    """Exponentially growing LR that makes SGD without weight decay follow SGD with weight decay.
+
+    ``η̃_t = η α^{-2t-1}`` with ``α`` the larger root of ``x² - (1 + γ - λη) x + γ = 0``; at
+    construction the momentum buffer is preset to ``ṽ_{-1} = -λ/(α-γ) · w_0`` (= ``-(1-α)/(ηα) w_0``;
+    added to an existing buffer, which is then read as the weight-decay run's buffer, so a
+    weight-decay run can be continued). Then ``w̃_t = α^{-t} w_t``: the same directions ``w/‖w‖`` and
+    the same network function as SGD with ``(η, λ, γ)`` at every step, up to round-off.
+
+    With ``renormalize=True`` the state is rescaled by exact powers of two,
+    ``(w, v, η) → (w/c, c v, η/c²)``, whenever the joint norm of the parameters leaves
+    ``[ref/renorm_bound, ref·renorm_bound]``; this changes no direction (bit-exactly) and keeps
+    the numbers in range. The optimizer then holds ``w̃ / 2^k`` and the LR ``η̃_t / 4^k``;
+    :attr:`rescale_factor` (``2^k``) recovers ``w̃``, :meth:`wd_run_factor` the weight-decay run's
+    ``w_t``, and :meth:`unrescaled_lr` ``η̃_t``.
+
+    Assumptions: the loss is scale-invariant in all parameters the scheduler manages, jointly
+    (see :func:`make_fully_scale_invariant`; BatchNorm's ``eps`` makes it approximate); one shared
+    ``(η, λ, γ)``; ``dampening = 0``; no Nesterov. Call ``scheduler.step()`` after every
+    ``optimizer.step()`` (steps, not epochs).
+
+    Args:
+        optimizer: a ``torch.optim.SGD`` built with ``weight_decay=0`` and ``momentum=γ``.
+        lr: ``η`` of the weight-decay run it replaces.
+        weight_decay: ``λ`` of that run.
+        momentum: ``γ``; must equal the optimizer's.
+        renormalize: rescale by powers of two to stay in range (default True).
+        params: the parameters to manage (default: all of the optimizer's). Their param groups
+            must contain nothing else; other groups keep their own LR (the equivalence then is
+            only approximate).
+        renorm_bound: the allowed drift factor ``B >= 2`` of the joint norm (default ``2^8``);
+            a rescaling brings the norm back to within ``√2`` of its initial value.
+
+    Raises:
+        UserError: for another optimizer, nonzero optimizer weight decay, Nesterov, dampening,
+            a momentum mismatch, or out-of-range hyperparameters.
+
+    Example:
+        >>> opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)   # no weight_decay
+        >>> sched = ExpLR(opt, lr=0.1, weight_decay=5e-4, momentum=0.9)
+        >>> for x, y in data:
+        ...     opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); sched.step()
+
+    Reference:
+        Z. Li, S. Arora. An Exponential Learning Rate Schedule for Deep Learning. ICLR 2020,
+        Theorem 2.1.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        lr: float,
+        weight_decay: float,
+        momentum: float,
+        renormalize: bool = True,
+        params: Optional[Iterable[torch.Tensor]] = None,
+        renorm_bound: float = 2.0**8,
+    ) -> None:
+        _check_hparams(lr, weight_decay, momentum)
+        self.alpha = _alpha(lr, weight_decay, momentum)
+        super().__init__(
+            optimizer,
+            [(0, lr)],
+            weight_decay=weight_decay,
+            momentum=momentum,
+            renormalize=renormalize,
+            params=params,
+            renorm_bound=renorm_bound,
+            what="ExpLR",
+        )
+
+
+class TEXP(_WDEquivalentSchedule):
+    """Tapered exponential LR: the exact exponential equivalent of step decay with weight decay.
+
+    For phases ``(T_I, η_I)`` (the weight-decay run uses ``η_I`` from step ``T_I`` on, with
+    ``λ``, ``γ`` fixed)::
+
+        η̃_t = η_I α_I^{-2 n_I - 1} ∏_{J<I} α_J^{-2 n_J}            (see texp_lr)
+
+    so the LR grows by ``α_I^{-2}`` per step in phase ``I`` and is multiplied by
+    ``(η_I/η_{I-1})/(α_{I-1} α_I)`` at a boundary; the buffer is preset like :class:`ExpLR` and
+    at each boundary ``τ = T_I`` corrected by ``ṽ += (κ_{I-1} - κ_I) w̃_τ / s_τ²`` with
+    ``κ = λ/(α-γ)`` and ``s_τ = ∏ α_J^{-n_J}``. Then ``w̃_t = s_t w_t`` exactly (the directions of
+    step decay with weight decay). Without momentum no correction is needed.
+    Renormalization and the accessors are those of :class:`ExpLR`.
+
+    Args:
+        optimizer: ``torch.optim.SGD`` with ``weight_decay=0`` and ``momentum=γ``.
+        lr_phases: ``[(0, η_0), (T_1, η_1), ...]`` in optimizer steps, strictly increasing.
+        weight_decay: ``λ``; momentum: ``γ``; renormalize, params, renorm_bound: as in ExpLR.
+
+    Raises:
+        UserError: as :class:`ExpLR`, or for malformed phases.
+
+    Reference:
+        Li & Arora (ICLR 2020), Sec. 4 (TEXP). REFERENCES.md marks the paper's momentum treatment
+        at a boundary as unconfirmed; the correction here is derived in the module docstring and
+        verified against step decay with weight decay in the tests.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        lr_phases,
+        weight_decay: float,
+        momentum: float,
+        renormalize: bool = True,
+        params: Optional[Iterable[torch.Tensor]] = None,
+        renorm_bound: float = 2.0**8,
+    ) -> None:
+        super().__init__(
+            optimizer,
+            lr_phases,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            renormalize=renormalize,
+            params=params,
+            renorm_bound=renorm_bound,
+            what="TEXP",
+        )
+
+    @property
+    def alphas(self) -> list[float]:
+        """``α_I`` of each phase."""
+        return [p.alpha for p in self._phases]
+
+
+# --------------------------------------------------------------------------- comparing runs
+
+
+def angle_between(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Angle between two tensors (flattened), in radians, accurate for tiny angles.
+
+    ``θ = 2 · atan2(‖â - b̂‖, ‖â + b̂‖)`` with ``â = a/‖a‖``, ``b̂ = b/‖b‖``, computed in float64;
+    unlike ``arccos(⟨â, b̂⟩)`` it keeps full relative accuracy near 0 (and near π).
+
+    Args:
+        a: a nonzero tensor.
+        b: a nonzero tensor with as many elements.
+
+    Returns:
+        ``θ`` in ``[0, π]``.
+
+    Raises:
+        UserError: zero tensors or different sizes.
+
+    Example:
+        >>> angle_between(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
+        1.5707963267948966
+
+    Reference:
+        W. Kahan, "How futile are mindless assessments of roundoff in floating-point computation?"
+        (2006), Sec. 12.
+    """
+    from .scale import angular_update  # one implementation of the stable angle
+
+    return angular_update(a, b)
+
+
+def _angle_or_nan(a: torch.Tensor, b: torch.Tensor) -> float:
+    """:func:`angle_between`, but 0 for two zero tensors (e.g. BN biases fixed at 0) and NaN (undefined)
+    when only one of them is zero or a tensor is not finite."""
+    na = float(a.detach().to(torch.float64).norm())
+    nb = float(b.detach().to(torch.float64).norm())
+    if na == 0 and nb == 0:
+        return 0.0
+    if not (na > 0 and nb > 0 and math.isfinite(na) and math.isfinite(nb)):
+        return math.nan
+    return angle_between(a, b)
+
+
+def _named_tensors(model: nn.Module, params, which: str) -> list[tuple[str, torch.Tensor]]:
+    if params is None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    elif isinstance(params, Mapping):
+        named = [(str(n), p) for n, p in params.items()]
+    else:
+        named = [(str(i), p) for i, p in enumerate(params)]
+    if not named:
+        raise UserError(f"no parameters to compare in {which} (pass params_{which[-1]} or unfreeze some)")
+    return named
+
+
+def _outputs_max_diff(a: Any, b: Any) -> float:
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            raise UserError("the two models' outputs differ in type or shape")
+        if a.numel() == 0:
+            return 0.0
+        return float((a.detach().to(torch.float64) - b.detach().to(torch.float64).to(a.device)).abs().max())
+    if isinstance(a, Mapping):
+        return max((_outputs_max_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (tuple, list)):
+        return max((_outputs_max_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    raise UserError(f"cannot compare model outputs of type {type(a).__name__}; accepted: tensors, tuples, dicts")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _forward_preserving_state(model: nn.Module, batch: Any, rng_devices: list) -> Any:
+    """Run the model on the batch without changing it: buffers (BN stats) and RNG are restored."""
+    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(x, torch.Tensor):
+        x = x.to(_device_of(model))
+    try:
+        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+            return model(x)
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                buf.copy_(saved[name])
+
+
+def compare_trajectories(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    params_a=None,
+    params_b=None,
+    batch: Any = None,
+) -> dict:
+    """How far two runs are apart in direction (and, given a batch, in output).
+
+    For each pair of parameter tensors the angle ``∠(a, b) = 2 atan2(‖â - b̂‖, ‖â + b̂‖)`` between
+    the normalized weights, and the same for all of them concatenated. For scale-invariant
+    parameters only the directions matter, so two equivalent runs (e.g. weight decay and
+    :class:`ExpLR`) have all angles ≈ 0 although their norms differ by ``α^{-t}``.
+
+    Args:
+        model_a, model_b: the two models (same architecture).
+        params_a, params_b: the tensors to compare, as a list (paired by position) or a dict
+            ``name -> tensor``; default: each model's parameters with ``requires_grad``.
+        batch: optional input tensor, or a tuple/list whose first element is the input. Both models
+            are run on it in their current mode (train or eval) under ``no_grad``, each from the
+            same RNG state; their buffers (BatchNorm statistics) and the RNG state are restored,
+            so the models are left exactly as they were.
+
+    Returns:
+        ``{"per_param": {name: angle}, "overall": angle, "max_abs_output_diff": float | None}``
+        with angles in radians (names from ``params_a``/``model_a``); the angle of two zero tensors
+        is 0, and NaN when only one is zero or a tensor is not finite (a diverged run).
+
+    Raises:
+        UserError: different numbers or sizes of tensors, zero tensors, incomparable outputs.
+    """
+    named_a = _named_tensors(model_a, params_a, "model_a")
+    named_b = _named_tensors(model_b, params_b, "model_b")
+    if len(named_a) != len(named_b):
+        raise UserError(f"model_a has {len(named_a)} tensors to compare but model_b has {len(named_b)}")
+    per: dict[str, float] = {}
+    for (name, a), (_, b) in zip(named_a, named_b):
+        if a.shape != b.shape:
+            raise UserError(f"parameter {name!r} has shape {tuple(a.shape)} in model_a but {tuple(b.shape)} in model_b")
+        per[name] = _angle_or_nan(a, b)
+    cat_a = torch.cat([a.detach().reshape(-1).to(torch.float64).cpu() for _, a in named_a])
+    cat_b = torch.cat([b.detach().reshape(-1).to(torch.float64).cpu() for _, b in named_b])
+    result: dict[str, Any] = {"per_param": per, "overall": _angle_or_nan(cat_a, cat_b), "max_abs_output_diff": None}
+    if batch is not None:
+        devices = sorted({d for m in (model_a, model_b) for d in [_device_of(m)] if d.type == "cuda"}, key=str)
+        rng_devices = [d.index if d.index is not None else 0 for d in devices]
+        out_a = _forward_preserving_state(model_a, batch, rng_devices)
+        out_b = _forward_preserving_state(model_b, batch, rng_devices)
+        result["max_abs_output_diff"] = _outputs_max_diff(out_a, out_b)
+    return result
+
+
+# --------------------------------------------------------------------------- making a net fully scale-invariant
+
+_NORM_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+_WEIGHT_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def make_fully_scale_invariant(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze what is not scale-invariant so the loss is scale-invariant in all trained parameters.
+
+    The setting of Li & Arora's experiments (needed for :class:`ExpLR` and :class:`TEXP` to be
+    exact): every normalization layer's affine parameters are fixed to ``weight = 1``,
+    ``bias = 0`` with ``requires_grad = False``; the last ``nn.Linear`` (the classifier) is frozen
+    as it is; every other ``nn.Linear``/``nn.Conv*`` must feed a normalization layer and have no
+    trainable bias (BN would remove it anyway, and a trained bias breaks nothing but the check).
+    Then ``L(c w) = L(w)`` for the remaining trained weights ``w`` jointly (exactly with BN's
+    ``eps = 0``; BN's ``eps`` makes it approximate at small norms).
+
+    "Feeds" is decided by inspection: modules are visited in registration order
+    (``model.modules()``), which is the forward order for ``nn.Sequential`` and for most networks;
+    the next Linear/Conv/normalization module after a Linear/Conv must be a normalization layer
+    (BatchNorm, InstanceNorm, GroupNorm or LayerNorm). Verify unusual networks numerically (e.g.
+    with ``bnlab.scale.check_scale_invariance``).
+
+    Args:
+        model: any ``nn.Module``; modified in place.
+
+    Returns:
+        The parameters that still require gradients (in ``model.parameters()`` order): pass them
+        to the optimizer.
+
+    Raises:
+        UserError: a Linear/Conv with a trainable bias before a normalization layer, one not
+            followed by a normalization layer, or trainable parameters in other module types.
+
+    Reference:
+        Li & Arora (ICLR 2020), Sec. 5 (fixed BN affine parameters, fixed last layer).
+    """
+    named = list(model.named_modules())
+    linears = [m for _, m in named if isinstance(m, nn.Linear)]
+    last_linear = linears[-1] if linears else None
+    with torch.no_grad():
+        for _, module in named:
+            if isinstance(module, _NORM_TYPES):
+                for pname, value in (("weight", 1.0), ("bias", 0.0)):
+                    p = getattr(module, pname, None)
+                    if isinstance(p, nn.Parameter):
+                        p.fill_(value)
+                        p.requires_grad_(False)
+        if last_linear is not None:
+            for p in last_linear.parameters(recurse=False):
+                p.requires_grad_(False)
+    order = [(name, m) for name, m in named if isinstance(m, _WEIGHT_TYPES + _NORM_TYPES)]
+    for k, (name, module) in enumerate(order):
+        if not isinstance(module, _WEIGHT_TYPES) or module is last_linear:
+            continue
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue  # frozen already: not trained, nothing to check
+        following = order[k + 1][1] if k + 1 < len(order) else None
+        label = name or type(module).__name__
+        if not isinstance(following, _NORM_TYPES):
+            raise UserError(
+                f"{label} ({type(module).__name__}) is not followed by a normalization layer, so its weight "
+                "is not scale-invariant; accepted: every Linear/Conv except the last Linear feeds a "
+                "BatchNorm/GroupNorm/LayerNorm/InstanceNorm"
+            )
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter) and bias.requires_grad:
+            raise UserError(
+                f"{label} has a trainable bias before a normalization layer; accepted: bias=False "
+                "(or a frozen bias)"
+            )
+    known = {id(m) for _, m in order}
+    for name, module in named:
+        if id(module) in known:
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                full = f"{name}.{pname}" if name else pname
+                raise UserError(
+                    f"parameter {full} of {type(module).__name__} is trained but not known to be "
+                    "scale-invariant; accepted: Linear/Conv weights before normalization layers "
+                    "(freeze the others)"
+                )
+    return [p for p in model.parameters() if p.requires_grad]
