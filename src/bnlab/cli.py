@@ -73,6 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_common(d)
 
+    ty = sub.add_parser("toy", help="the 2-D scale-invariant toy: weight decay vs exponential LR (figures + GIF)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ty.add_argument("--steps", type=int, default=400, help="GD steps")
+    ty.add_argument("--lr", type=float, default=1.0, help="learning rate eta")
+    ty.add_argument("--wd", type=float, default=0.02, help="weight decay lambda")
+    ty.add_argument("--momentum", type=float, default=0.0, help="momentum gamma")
+    ty.add_argument("--dtype", default="float64", help="float64 | float32 (trajectory figures)")
+    ty.add_argument("--tol", type=float, default=1e-6, help="angle (rad) above which the runs count as deviating")
+    ty.add_argument("--out", default="runs/toy", help="directory for the figures")
+
     rp = sub.add_parser("report", help="rebuild report.html from run directories (no training)")
     rp.add_argument("runs_dir", help="the directory given as --out to reproduce/run")
     rp.add_argument("--output", default=None, help="where to write the HTML (default: RUNS_DIR/report.html)")
@@ -189,6 +199,31 @@ def _cmd_reproduce(args) -> int:
     return 0
 
 
+def _cmd_toy(args) -> int:
+    from .errors import check_positive
+    from .toy import run_toy
+
+    check_positive("steps", args.steps)
+    check_positive("learning rate", args.lr)
+    check_positive("weight decay", args.wd, allow_zero=True)
+    check_positive("tol", args.tol)
+    if not 0.0 <= args.momentum < 1.0:
+        raise UserError(f"momentum must be in [0, 1), got {args.momentum!r}")
+    if args.dtype not in ("float64", "float32"):
+        raise UserError(f"unknown dtype {args.dtype!r}; accepted: float32, float64")
+    out = Path(args.out)
+    res = run_toy(out, steps=args.steps, lr=args.lr, weight_decay=args.wd, momentum=args.momentum, dtype=args.dtype, tol=args.tol)
+    from ._io import atomic_write_json
+
+    atomic_write_json(out / "toy_summary.json", res)
+    for key in ("alpha", "first_deviation_step", "final_loss", "final_norm"):
+        if key in res:
+            print(f"{key}: {res[key]}")
+    for f in sorted(out.glob("toy_*")):
+        print(f"written: {f}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import build
 
@@ -204,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     handler = {"list": _cmd_list, "train": _cmd_train, "run": _cmd_run, "reproduce": _cmd_reproduce, "demo": _cmd_reproduce,
-               "report": _cmd_report}[args.command]
+               "report": _cmd_report, "toy": _cmd_toy}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -120,3 +120,16 @@ def test_custom_loop_example_runs_and_probes_do_not_change_it():
     assert all(r["grad_norm/total"] > 0 and "loss" in r for r in records)
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "custom_loop.py"), "--steps", "5"], capture_output=True, text=True)
     assert proc.returncode == 0 and "grad_norm/total" in proc.stdout
+
+
+def test_cli_toy_writes_its_figures_and_numbers(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert main(["toy", "--steps", "60", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["toy_deviation.png", "toy_summary.json", "toy_surface.png", "toy_trajectories.png", "toy_zoom.gif"]
+    summary = json.loads((out / "toy_summary.json").read_text())
+    assert summary["alpha"] == pytest.approx(1 - 1.0 * 0.02)  # alpha = 1 - eta*lambda without momentum
+    assert summary["first_deviation_step"]["float64"] is None  # float64 runs agree to round-off
+    assert main(["toy", "--dtype", "float16", "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown dtype 'float16'; accepted: float32, float64" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
