@@ -219,8 +219,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
             if not torch.isfinite(loss):
-                history.diverged, history.diverged_at, history.reason = True, t, f"non-finite loss ({float(loss)}) at step {t}"
-                monitor.after_step({"loss": float(loss), "diverged": True})
+                history.diverged, history.diverged_at, history.reason = True, t, f"non-finite loss ({float(loss.detach())}) at step {t}"
+                monitor.after_step({"loss": float(loss.detach()), "diverged": True})
                 break
             loss.backward()
             monitor.after_backward(loss)

@@ -219,3 +219,4 @@ def run_experiment(
 
 
 from . import large_lr as _large_lr  # noqa: E402,F401  (registers)
+from . import auto_rate as _auto_rate  # noqa: E402,F401  (registers)
