@@ -116,6 +116,7 @@ class RunDir:
         if self._metrics is None:
             self._metrics = open(self.path / "metrics.jsonl.partial", "a", encoding="utf-8")
         self._metrics.write(json.dumps(record, default=to_jsonable, allow_nan=True, separators=(",", ":")) + "\n")
+        self._metrics.flush()  # readable while the run goes on (tail -f, run.metrics())
 
     def write_json(self, name: str, obj: Any) -> Path:
         """Atomically write ``obj`` as ``<run>/<name>``."""

@@ -220,3 +220,4 @@ def run_experiment(
 
 from . import large_lr as _large_lr  # noqa: E402,F401  (registers)
 from . import auto_rate as _auto_rate  # noqa: E402,F401  (registers)
+from . import exp_lr as _exp_lr  # noqa: E402,F401
