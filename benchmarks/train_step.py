@@ -1,6 +1,6 @@
 """Milliseconds per training step of the digits convnet, with and without BatchNorm.
 
-Run:  .venv/bin/python benchmarks/train_step.py
+Run:  .venv/bin/python benchmarks/train_step.py [--threads 1]
 
 Prints, measured in one run: ms/step of ``bnlab.train`` (with no probes, and with the cheap
 probes), of a bare hand-written PyTorch loop doing the same work (the naive floor), and the
@@ -45,6 +45,13 @@ def bnlab_loop(norm: str, tr, probes=()) -> float:
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="ms per training step, BN vs no norm, bnlab's loop vs a bare loop")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tr = data.load("digits", split="train")
     torch.manual_seed(0)
     bare_loop("bn", tr)  # warm-up
