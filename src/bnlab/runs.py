@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from ._io import atomic_write_json, atomic_write_text, to_jsonable
+from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, to_jsonable
 
 COMPLETE = "complete"
 
@@ -123,6 +123,24 @@ class RunDir:
         p = self.path / name
         atomic_write_json(p, obj)
         return p
+
+    def save_arrays(self, name: str, **arrays) -> Path:
+        """Atomically write numpy arrays as ``<run>/<name>`` (a compressed ``.npz``)."""
+        import io
+
+        import numpy as np
+
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+        atomic_write_bytes(self.path / name, buf.getvalue())
+        return self.path / name
+
+    def load_arrays(self, name: str) -> dict:
+        """The arrays of ``<run>/<name>`` written by :meth:`save_arrays` (no pickles)."""
+        import numpy as np
+
+        with np.load(self.path / name, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
 
     def figure_path(self, name: str) -> Path:
         """Path for a figure file under ``<run>/figures/``."""

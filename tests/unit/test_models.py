@@ -7,10 +7,11 @@ from torch import nn
 from bnlab import models
 from bnlab.errors import UserError
 from bnlab.models import MODELS, NORMS, make, norm_layers
+from bnlab.models.noisy import NoisyBatchNorm
 
 SHAPES = [(1, 8, 8), (1, 40), (3, 32, 32)]
 SMALL = {"mlp": dict(width=16, depth=2), "convnet": dict(width=4), "vgg": dict(width=4, depth=11), "preresnet": dict(width=4, depth=8)}
-NORM_TYPES = {"bn": (nn.BatchNorm1d, nn.BatchNorm2d), "ln": (nn.LayerNorm, nn.GroupNorm), "gn": (nn.GroupNorm,)}
+NORM_TYPES = {"bn": (nn.BatchNorm1d, nn.BatchNorm2d), "ln": (nn.LayerNorm, nn.GroupNorm), "gn": (nn.GroupNorm,), "bn-noisy": (NoisyBatchNorm,)}
 
 
 def _weighted(model):
@@ -100,7 +101,7 @@ def test_seed_gives_same_init_and_leaves_global_rng_alone():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(name="resnet"), "unknown model 'resnet'; accepted: convnet, mlp, preresnet, vgg"),
-    (dict(name="convnet", norm="xn"), "unknown norm 'xn'; accepted: bn, gn, ln, none"),
+    (dict(name="convnet", norm="xn"), "unknown norm 'xn'; accepted: bn, bn-noisy, gn, ln, none"),
     (dict(name="convnet", colour=1), "no option 'colour'"),
     (dict(name="preresnet", depth=21), "6n\\+2"),
     (dict(name="vgg", depth=12), "depth must be one of"),

@@ -1,0 +1,641 @@
+"""``activations``: without BatchNorm activations grow with depth, blow up along a large step, and
+the network answers alike for every input; random initialization explains it.
+
+Bjorck, Gomes, Selman, Weinberger, *Understanding Batch Normalization* (NeurIPS 2018).
+
+**Network and why.** The same deep residual net with and without BatchNorm (``preresnet``, He
+initialization, one seed). Bjorck et al.'s unnormalized net is ResNet-110 with its BN layers
+removed, i.e. a *residual* net without BN, and that is what is used here (quick: depth 26 = the
+stem conv, 24 convs in 12 pre-activation blocks, the classifier, width 16, on MNIST-1D; paper:
+depth 110 on CIFAR-10). Why the residual net and not a plain stack: with He initialization a
+plain conv/ReLU stack preserves the second moment layer to layer *in expectation*, so its
+activations do not grow systematically with depth; in a residual net without BN each block adds
+a branch of about the same variance as its input, ``Var(x + F(x)) ≈ 2 Var(x)``, so the moments
+grow exponentially with depth (a factor of about ``√2`` per block in the standard deviation,
+less where zero padding trims the branch). BN re-normalizes the input of every branch, so the
+branch outputs stay at unit scale. MNIST-1D (length-40 sequences) rather than the 8x8 digits:
+at 4x4 and 2x2 maps the zero padding of 3x3 convolutions removes much of each branch's variance
+and hides the effect. The paper profile measures the moments on 2000 CIFAR-10 images (Bjorck et
+al. use 10,000; one train-mode batch of that size through ResNet-110 takes several GB).
+
+**Measured.**
+
+1. *Moments against depth at initialization* (:func:`~bnlab.probes.activations.activation_stats`,
+   train mode, ``n_init`` training examples): per layer the average over channels of the absolute
+   channel mean and of the channel standard deviation (band: 10 %-90 % over channels), for the
+   outputs of the layers on the main path (every conv and linear layer except the 1x1 shortcut
+   convs), log scale. Growth is a least-squares line of ``log10(moment)`` against layer index over
+   the *inner* layers (all but the stem conv, whose input is the data, and the classifier, whose
+   input is average-pooled): ``factor`` per layer and ``total = factor^(inner layers - 1)``.
+2. *A large-LR plain run that diverges*: SGD + momentum from the same initialization at the
+   smallest LR of ``diverge_lrs`` that diverges within ``diverge_max_steps`` steps;
+   :class:`~bnlab.probes.activations.ActivationStats` at every step (heat map: layer against
+   step), and the BN net at the same LR for the same number of steps. Each update's relative loss
+   on its own batch, ``L_B(w_{t+1}) / L_B(w_t)``, is read by
+   :class:`~bnlab.probes.activations.UpdateInterpolation` at ``s ∈ {0, 1}``. The *diverging
+   update* is the first update of the final streak of loss-increasing updates before the loss
+   becomes non-finite (the start of the divergence; for a run that does not diverge, the first
+   loss-increasing update). The first loss-increasing update can come earlier and be an
+   overshoot the next steps recover from (at initialization the plain net's loss is huge); when
+   it differs it is shown too. The run is repeated to those steps (training is bit-identical
+   with and without probes) with ``UpdateInterpolation`` at ``s_points`` positions
+   ``w_t + s Δw``: heat maps layer against ``s``.
+3. *The random-initialization explanation* (numpy): products ``W_k ... W_1`` of ``k`` independent
+   ``n x n`` Gaussian matrices with He (``std = sqrt(2/n)``) and Xavier (``std = sqrt(1/n)``)
+   scaling; the ratio of the largest to the mean singular value against ``k``, median over
+   ``sv_trials``. The ratio is invariant to a scalar scale, so both scalings give the same
+   distribution of ratios (independent draws are used, so the two curves are two estimates);
+   the scalings differ in the overall size of the singular values, shown alongside. A growing
+   ratio means the product maps every input close to the same top singular direction.
+4. *Output gradients at initialization* (:func:`~bnlab.probes.activations.output_gradients`):
+   ``G = ∂L_B/∂z`` for ``grad_examples`` training examples sorted by label (heat map examples x
+   classes) and ``ratio = Σ_k |Σ_i G_ik| / Σ_k Σ_i |G_ik|`` (1: every example pushes each logit the
+   same way, i.e. the net predicts alike for all inputs).
+
+**Claims and thresholds** (fixed before running):
+
+* ``moments-grow-without-bn``: the fitted total growth over the inner layers is at least
+  ``grow_min`` (10x) for both the channel |mean| and the channel std of the plain net.
+* ``moments-flat-with-bn``: for the BN net both fitted totals lie within ``[1/flat_max, flat_max]`` (2x).
+* ``deep-layers-blow-up-along-diverging-update``: along the diverging update of the plain
+  run, the growth ``std(s=1)/std(s=0)`` of the deepest third of the inner layers is at least
+  ``deep_vs_shallow_min`` (10x) that of the shallowest third (geometric means; non-finite = ∞).
+* ``output-gradient-rows-alike-without-bn``: ``ratio >= ratio_alike_min`` (0.9) without BN and
+  ``ratio <= ratio_bn_max`` (0.5) with BN.
+* ``singular-value-ratio-grows``: the median ratio at ``k = sv_k_max`` is at least
+  ``sv_growth_min`` (2x) the ratio at ``k = 1``, for both scalings.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import data as data_mod
+from .. import models
+from ..probes.activations import ActivationStats, UpdateInterpolation, activation_stats, gradient_alignment, output_gradients
+from ..runs import RunDir
+from ..train import make_optimizer, train
+from . import Claim, Experiment, Result, judge, register_experiment
+
+SOURCE = "Bjorck et al. 2018"
+
+_QUICK = dict(
+    data="mnist1d", model="preresnet", depth=26, width=16, seed=0, n_init=1024, grad_examples=64,
+    diverge_lrs=[0.003, 0.01, 0.03, 0.1], momentum=0.9, batch_size=128, diverge_max_steps=40, s_points=21,
+    sv_n=128, sv_k_max=50, sv_trials=8,
+    grow_min=10.0, flat_max=2.0, deep_vs_shallow_min=10.0, ratio_alike_min=0.9, ratio_bn_max=0.5, sv_growth_min=2.0,
+)
+
+
+def main_path_layers(name: str, module: nn.Module) -> bool:
+    """Every convolution and linear layer except residual shortcuts (1x1 convs named ``shortcut``)."""
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and not name.split(".")[-1].startswith("shortcut")
+
+
+def fit_growth(values, first: int = 1, last_excluded: int = 1) -> dict:
+    """Least-squares line of ``log10(values)`` against layer index over ``values[first:-last_excluded]``.
+
+    Returns:
+        ``slope`` (log10 per layer), ``factor`` = 10^slope (growth per layer) and ``total`` =
+        factor^(n - 1) over the ``n`` fitted layers; ``nan`` if fewer than 2 finite positive values.
+    """
+    v = np.asarray(values, dtype=float)
+    idx = np.arange(len(v))
+    sel = slice(first, len(v) - last_excluded if last_excluded else None)
+    x, y = idx[sel], v[sel]
+    ok = np.isfinite(y) & (y > 0)
+    if ok.sum() < 2:
+        return {"slope": math.nan, "factor": math.nan, "total": math.nan, "n": int(ok.sum())}
+    slope, icept = np.polyfit(x[ok], np.log10(y[ok]), 1)
+    n = len(y)
+    return {"slope": float(slope), "intercept": float(icept), "factor": float(10**slope), "total": float(10 ** (slope * (n - 1))),
+            "n": int(n), "first": int(x[0]), "last": int(x[-1])}
+
+
+def singular_value_products(n: int, k_max: int, trials: int, std: float, seed: int) -> dict:
+    """Singular values of products ``W_k ... W_1`` of i.i.d. ``N(0, std²)`` ``n x n`` matrices, ``k = 1..k_max``.
+
+    Returns:
+        ``ratio`` (largest / mean singular value), ``smax``, ``smean``: arrays ``[trials, k_max]``.
+    """
+    rng = np.random.default_rng(seed)
+    ratio, smax, smean = (np.empty((trials, k_max)) for _ in range(3))
+    with _one_blas_thread():
+        _products(rng, n, k_max, trials, std, ratio, smax, smean)
+    return {"ratio": ratio, "smax": smax, "smean": smean}
+
+
+def _one_blas_thread():
+    """Small SVDs run faster on one BLAS thread (and much faster on a loaded machine)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        import contextlib
+
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _products(rng, n, k_max, trials, std, ratio, smax, smean) -> None:
+    for t in range(trials):
+        p = np.eye(n)
+        for k in range(k_max):
+            p = (rng.standard_normal((n, n)) * std) @ p
+            s = np.linalg.svd(p, compute_uv=False)
+            smax[t, k], smean[t, k] = s[0], s.mean()
+            ratio[t, k] = s[0] / s.mean()
+
+
+def diverging_updates(rels: list[tuple[int, float]], diverged: bool) -> tuple:
+    """``(t_first, t_div)`` from the per-step relative losses ``[(step, L_B(w_{t+1}) / L_B(w_t))]``.
+
+    ``t_first``: the first update that increased its batch loss (relative loss > 1 or not finite).
+    ``t_div``: for a run that diverged, the first update of the final streak of loss-increasing
+    updates (the start of the divergence); otherwise ``t_first``. ``None`` when there is none.
+    """
+    bad = [(t, not (r <= 1.0)) for t, r in rels]
+    t_first = next((t for t, b in bad if b), None)
+    if not diverged:
+        return t_first, t_first
+    t_div = None
+    for t, b in reversed(bad):
+        if not b:
+            break
+        t_div = t
+    return t_first, (t_div if t_div is not None else t_first)
+
+
+def _summaries(stats: dict) -> dict:
+    """Per-layer arrays from ``{layer: ChannelStats}``: averages and 10/90 % quantiles over channels."""
+    names = list(stats)
+    out = {"layers": np.array(names)}
+    for key, get in (("abs_mean", lambda c: c.mean.abs()), ("std", lambda c: c.std)):
+        vals = [get(stats[n]).numpy() for n in names]
+        out[key] = np.array([v.mean() for v in vals])
+        out[key + "_q10"] = np.array([np.quantile(v, 0.1) for v in vals])
+        out[key + "_q90"] = np.array([np.quantile(v, 0.9) for v in vals])
+    out["absmax"] = np.array([float(stats[n].absmax.max()) for n in names])
+    return out
+
+
+def _history_matrix(history: list, layers: list[str]) -> dict:
+    """``(steps, {stat: [T, L]})`` from an ActivationStats history (missing layers: nan)."""
+    steps = np.array([s for s, _ in history], dtype=int)
+    mats = {k: np.full((len(history), len(layers)), np.nan) for k in ("abs_mean", "std", "absmax")}
+    for i, (_, st) in enumerate(history):
+        for j, name in enumerate(layers):
+            if name in st:
+                sm = st[name].summary()
+                for k in mats:
+                    mats[k][i, j] = sm[k]
+    return steps, mats
+
+
+def _label(norm: str) -> str:
+    return "BN" if norm == "bn" else "no norm"
+
+
+@register_experiment
+class Activations(Experiment):
+    name = "activations"
+    title = "Activations: moments against depth, a diverging update, random products and output gradients"
+    source = SOURCE
+    description = (
+        "A deep residual net with and without BatchNorm: channel means and standard deviations against depth at "
+        "initialization; activation magnitudes during a large-LR plain run that diverges and along its first "
+        "diverging update; the largest-to-mean singular value ratio of products of random Gaussian matrices; the "
+        "gradient of the loss with respect to the outputs at initialization."
+    )
+    claims = (
+        Claim("moments-grow-without-bn", "Without BN the channel means and standard deviations grow exponentially with depth at initialization.",
+              SOURCE, "fitted growth of log10(average channel |mean|) and log10(average channel std) over the inner layers, plain net",
+              "holds if the fitted total growth is >= grow_min (default 10x) for both"),
+        Claim("moments-flat-with-bn", "With BN the channel means and standard deviations stay flat with depth.",
+              SOURCE, "fitted growth over the inner layers, BN net",
+              "holds if both fitted totals lie within [1/flat_max, flat_max] (default 2x)"),
+        Claim("deep-layers-blow-up-along-diverging-update",
+              "Along a diverging update of the plain net the activations of the deep layers blow up far more than those of the shallow layers.",
+              SOURCE, "growth std(s=1)/std(s=0) of the deepest vs the shallowest third of the inner layers along the update that starts the final loss-increasing streak",
+              "holds if deep/shallow >= deep_vs_shallow_min (default 10)"),
+        Claim("output-gradient-rows-alike-without-bn",
+              "At initialization the output gradients of all examples are alike without BN (the net predicts alike for every input) and not with BN.",
+              SOURCE, "ratio = Σ_k |Σ_i ∂ℓ_i/∂z_k| / Σ_k Σ_i |∂ℓ_i/∂z_k| on one batch, both nets",
+              "holds if ratio >= ratio_alike_min (0.9) without BN and <= ratio_bn_max (0.5) with BN"),
+        Claim("singular-value-ratio-grows",
+              "For products of k random Gaussian matrices (He or Xavier scaling) the ratio of the largest to the mean singular value grows with k.",
+              SOURCE, "median ratio at k = sv_k_max over the ratio at k = 1, both scalings",
+              "holds if >= sv_growth_min (default 2) for both"),
+    )
+    profiles = {
+        "tiny": {**_QUICK, "data": "digits", "depth": 8, "width": 4, "n_init": 128, "grad_examples": 32, "diverge_lrs": [1.0],
+                 "diverge_max_steps": 4, "s_points": 3, "sv_n": 16, "sv_k_max": 8, "sv_trials": 2},
+        "quick": dict(_QUICK),
+        "paper": {**_QUICK, "data": "cifar10", "depth": 110, "n_init": 2000, "grad_examples": 128, "diverge_max_steps": 100,
+                  "sv_n": 1000, "sv_k_max": 100, "sv_trials": 10},
+    }
+
+    # ------------------------------------------------------------------ run
+    def run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
+        from ..train import resolve_device
+
+        threads = torch.get_num_threads()
+        if resolve_device(device).type == "cpu":
+            torch.set_num_threads(1)  # small tensors: intra-op threads only add overhead (and stall on a busy machine)
+        try:
+            return self._run(cfg, run, device=device, progress=progress)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
+        from ..train import resolve_device
+
+        t_start = time.perf_counter()
+        dev = resolve_device(device)
+        tr = data_mod.load(cfg["data"], split="train", seed=cfg["seed"])
+        make = partial(models.make, cfg["model"], in_shape=tr.in_shape, num_classes=tr.num_classes, width=cfg["width"],
+                       depth=cfg["depth"], seed=cfg["seed"])
+        perm = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg["seed"] + 2))
+        x_init = tr.x[perm[: cfg["n_init"]]].to(dev)
+        gi = perm[: cfg["grad_examples"]]
+        order = torch.argsort(tr.y[gi], stable=True)
+        x_g, y_g = tr.x[gi][order].to(dev), tr.y[gi][order].to(dev)
+        summary: dict = {"timings": {}}
+        arrays: dict = {}
+
+        # (1) moments against depth, (4) output gradients: at initialization
+        t0 = time.perf_counter()
+        init = {}
+        for norm in ("none", "bn"):
+            net = make(norm=norm).to(dev).train()
+            s = _summaries(activation_stats(net, x_init, main_path_layers))
+            init[norm] = s
+            arrays.update({f"init_{norm}_{k}": v for k, v in s.items()})
+            g = output_gradients(net, (x_g, y_g)).cpu()
+            arrays[f"grad_{norm}"] = g.numpy()
+            with torch.no_grad():
+                pred = net(x_g).argmax(1)
+            al = gradient_alignment(g)
+            al["majority"] = float(torch.bincount(pred).max()) / len(pred)
+            summary[f"output_gradients_{norm}"] = al
+            fits = {k: fit_growth(s[k]) for k in ("abs_mean", "std")}
+            summary[f"growth_{norm}"] = fits
+            run.write({"event": "init", "norm": norm, "layers": list(s["layers"]), "abs_mean": s["abs_mean"], "std": s["std"],
+                       "growth": fits, "output_gradients": al})
+        arrays["grad_labels"] = y_g.cpu().numpy()
+        summary["timings"]["init"] = round(time.perf_counter() - t0, 2)
+
+        # (3) random products
+        t0 = time.perf_counter()
+        n = cfg["sv_n"]
+        for scheme, std, off in (("he", math.sqrt(2.0 / n), 11), ("xavier", math.sqrt(1.0 / n), 12)):
+            sv = singular_value_products(n, cfg["sv_k_max"], cfg["sv_trials"], std, cfg["seed"] + off)
+            arrays.update({f"sv_{scheme}_{k}": v for k, v in sv.items()})
+            med = np.median(sv["ratio"], axis=0)
+            summary[f"sv_{scheme}"] = {"ratio_k1": float(med[0]), "ratio_kmax": float(med[-1]), "growth": float(med[-1] / med[0]),
+                                       "smax_kmax": float(np.median(sv["smax"][:, -1])), "smean_kmax": float(np.median(sv["smean"][:, -1]))}
+        summary["timings"]["singular_values"] = round(time.perf_counter() - t0, 2)
+
+        # (2) a large-LR plain run that diverges, its first diverging update, and BN at the same LR
+        t0 = time.perf_counter()
+        div = self._diverging_run(cfg, tr, make, run, dev, arrays, progress)
+        summary["diverging_run"] = div
+        summary["timings"]["diverging_run"] = round(time.perf_counter() - t0, 2)
+
+        run.save_arrays("activations.npz", **arrays)
+        verdicts, numbers = _judge(cfg, summary, arrays)
+        summary.update(numbers)
+        summary["seconds"] = round(time.perf_counter() - t_start, 1)
+        return Result(summary=summary, verdicts=verdicts)
+
+    def _diverging_run(self, cfg, tr, make, run, dev, arrays, progress) -> dict:
+        kw = dict(batch_size=cfg["batch_size"], eval_train=False, device=dev, seed=cfg["seed"])
+        chosen = None
+        tried = []
+        for lr in sorted(cfg["diverge_lrs"]):
+            net = make(norm="none")
+            act = ActivationStats(every=1, layers=main_path_layers, keep=True)
+            rel = UpdateInterpolation(every=1, s=[0.0, 1.0], layers=main_path_layers, emit_layers=False, keep=False)
+            h = train(net, tr, make_optimizer(net.parameters(), lr=lr, momentum=cfg["momentum"]), steps=cfg["diverge_max_steps"],
+                      probes=[act, rel], progress=f"{self.name} none@{lr:g}" if progress else False, **kw)
+            tried.append({"lr": lr, "diverged": h.diverged, "diverged_at": h.diverged_at})
+            chosen = (lr, h, act)
+            if h.diverged:
+                break
+        lr, h, act = chosen
+        layers = list(act.history[0][1]) if act.history else []
+        for r in h.records:
+            run.write({"arm": f"none@{lr:g}", "kind": "diverging_run", **{k: v for k, v in r.items() if not k.startswith("act/")}})
+        steps, mats = _history_matrix(act.history, layers)
+        arrays["diverge_lr"] = np.float64(lr)
+        arrays.update({"train_none_steps": steps, "train_layers": np.array(layers), "train_none_loss": np.array([r.get("loss", np.nan) for r in h.records]),
+                       **{f"train_none_{k}": v for k, v in mats.items()}})
+        # which update: the first loss-increasing one, and the one that starts the final streak of
+        # loss-increasing updates before the run diverges
+        rels = [(r["step"], r["interp/rel_loss"]) for r in h.records if "interp/rel_loss" in r]
+        t_first, t_div = diverging_updates(rels, h.diverged)
+        info = {"lr": lr, "tried": tried, "diverged": h.diverged, "diverged_at": h.diverged_at, "steps_recorded": len(steps),
+                "first_loss_increasing_update": t_first, "diverging_update": t_div,
+                "relative_loss_per_step": [r.get("interp/rel_loss", math.nan) for r in h.records]}
+        # BN at the same LR for the same number of steps
+        net = make(norm="bn")
+        act_bn = ActivationStats(every=1, layers=main_path_layers, keep=True)
+        n_steps = max(1, len(steps))
+        hb = train(net, tr, make_optimizer(net.parameters(), lr=lr, momentum=cfg["momentum"]), steps=n_steps, probes=[act_bn],
+                   progress=f"{self.name} bn@{lr:g}" if progress else False, **kw)
+        for r in hb.records:
+            run.write({"arm": f"bn@{lr:g}", "kind": "bn_same_lr", **{k: v for k, v in r.items() if not k.startswith("act/")}})
+        bn_layers = list(act_bn.history[0][1]) if act_bn.history else []
+        steps_bn, mats_bn = _history_matrix(act_bn.history, bn_layers)
+        arrays.update({"train_bn_steps": steps_bn, "train_bn_layers": np.array(bn_layers), "train_bn_loss": np.array([r.get("loss", np.nan) for r in hb.records]),
+                       **{f"train_bn_{k}": v for k, v in mats_bn.items()}})
+        info["bn_same_lr"] = {"diverged": hb.diverged, "diverged_at": hb.diverged_at, "final_loss": hb.records[-1]["loss"] if hb.records else math.nan}
+        targets = sorted({t for t in (t_first, t_div) if t is not None})
+        if not targets:
+            return info
+        # repeat the plain run (bit-identical: probes never change training) with the fine interpolation at those steps
+        net = make(norm="none")
+        interp = UpdateInterpolation(every=lambda st, ts=tuple(targets): st in ts, s=cfg["s_points"], layers=main_path_layers,
+                                     emit_layers=False, keep=True)
+        train(net, tr, make_optimizer(net.parameters(), lr=lr, momentum=cfg["momentum"]), steps=targets[-1] + 1, probes=[interp], **kw)
+        by_step = dict(interp.history)
+        for prefix, t in (("interp", t_div), ("interp_first", t_first)):
+            if t is None or (prefix == "interp_first" and t == t_div):
+                continue
+            rec = by_step[t]
+            s_grid, loss = rec["s"].numpy(), rec["loss"].numpy()
+            _, mats_s = _history_matrix(list(enumerate(rec["stats"])), layers)
+            arrays.update({f"{prefix}_step": np.int64(t), f"{prefix}_s": s_grid, f"{prefix}_loss": loss,
+                           **{f"{prefix}_{k}": v for k, v in mats_s.items()}})
+            info[prefix] = {"step": t, "loss_s0": float(loss[0]), "loss_s1": float(loss[-1]), "relative_loss": float(loss[-1] / loss[0]),
+                            "deep_vs_shallow": deep_vs_shallow(mats_s["std"])}
+        return info
+
+    # ------------------------------------------------------------------ figures
+    def figures(self, run: RunDir):
+        cfg = run.read_json("config.json")["config"]
+        a = run.load_arrays("activations.npz")
+        return [
+            _fig_moments(cfg, a, run.figure_path("moments_vs_depth.png")),
+            _fig_training_heatmaps(cfg, a, run.figure_path("activations_during_training.png")),
+            _fig_interp(cfg, a, run.figure_path("diverging_update.png")),
+            _fig_singular_values(cfg, a, run.figure_path("singular_values.png")),
+            _fig_output_gradients(cfg, a, run.figure_path("output_gradients.png")),
+        ]
+
+
+# ----------------------------------------------------------------------------- verdicts
+def _geo(v: np.ndarray) -> float:
+    """Geometric mean of growth factors, ignoring ``nan`` (undefined); any ``inf`` makes it ``inf``."""
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return math.nan
+    if np.any(np.isinf(v)):
+        return math.inf
+    return float(np.exp(np.mean(np.log(np.maximum(v, 1e-300)))))
+
+
+def layer_growth(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
+    """``s1 / s0`` per layer: ``inf`` if ``s1`` is not finite or a dead layer (``s0 = 0``) comes alive,
+    ``nan`` (undefined, ignored) for a layer that is dead at both ends."""
+    s0, s1 = np.asarray(s0, float), np.asarray(s1, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g = s1 / s0
+    g = np.where(~np.isfinite(s1) | ((s0 == 0) & (s1 > 0)), np.inf, g)
+    return np.where((s0 == 0) & (s1 == 0), np.nan, g)
+
+
+def deep_vs_shallow(std_s: np.ndarray) -> dict:
+    """From the ``[S, L]`` channel-std matrix along an update: growth ``std(s=1)/std(s=0)`` per inner
+    layer (:func:`layer_growth`), and its geometric means over the shallowest and the deepest
+    thirds of the inner layers (all but the first and the last layer)."""
+    g = layer_growth(std_s[0], std_s[-1])[1:-1]
+    k = max(1, len(g) // 3)
+    shallow, deep = _geo(g[:k]), _geo(g[-k:])
+    if math.isnan(shallow) or math.isnan(deep) or (math.isinf(deep) and math.isinf(shallow)):
+        ratio = math.nan
+    elif math.isinf(deep):
+        ratio = math.inf
+    else:
+        ratio = deep / shallow
+    return {"growth_per_layer": g.tolist(), "shallow": shallow, "deep": deep, "ratio": ratio}
+
+
+def _judge(cfg: dict, summary: dict, arrays: dict):
+    verdicts, numbers = [], {}
+    gn, gb = summary["growth_none"], summary["growth_bn"]
+    fmt = lambda f: f"x{f['total']:.3g} in total, x{f['factor']:.3f} per layer over layers {f.get('first')}-{f.get('last')}"
+    tot = [gn["abs_mean"]["total"], gn["std"]["total"]]
+    ok = None if not all(math.isfinite(t) for t in tot) else min(tot) >= cfg["grow_min"]
+    verdicts.append(judge("moments-grow-without-bn", ok, min(tot),
+                          f"no norm: channel |mean| {fmt(gn['abs_mean'])}; channel std {fmt(gn['std'])} (threshold x{cfg['grow_min']:g} total)"))
+    tot = [gb["abs_mean"]["total"], gb["std"]["total"]]
+    ok = None if not all(math.isfinite(t) for t in tot) else all(1 / cfg["flat_max"] <= t <= cfg["flat_max"] for t in tot)
+    worst = max(tot, key=lambda t: abs(math.log(t)) if t > 0 and math.isfinite(t) else math.inf)
+    verdicts.append(judge("moments-flat-with-bn", ok, worst,
+                          f"BN: channel |mean| {fmt(gb['abs_mean'])}; channel std {fmt(gb['std'])} (threshold within x{cfg['flat_max']:g} either way)"))
+
+    div = summary["diverging_run"]
+    if "interp_std" in arrays:
+        d = div["interp"]["deep_vs_shallow"]
+        numbers["diverging_update"] = d
+        ok = None if math.isnan(d["ratio"]) else d["ratio"] >= cfg["deep_vs_shallow_min"]
+        it = div["interp"]
+        first = ""
+        if "interp_first" in div:
+            f = div["interp_first"]
+            first = (f"; the first loss-increasing update (step {f['step']}, {f['loss_s0']:.3g} -> {f['loss_s1']:.3g}) is a different "
+                     f"update: there std changes x{f['deep_vs_shallow']['shallow']:.3g} (shallow) vs x{f['deep_vs_shallow']['deep']:.3g} (deep)")
+        verdicts.append(judge("deep-layers-blow-up-along-diverging-update", ok, d["ratio"],
+                              f"plain net, lr {div['lr']:g}, {'diverged at step %s' % div['diverged_at'] if div['diverged'] else 'did not diverge'}; "
+                              f"update of step {it['step']} (start of the final loss-increasing streak; batch loss {it['loss_s0']:.3g} -> {it['loss_s1']:.3g}): "
+                              f"channel std grows x{d['shallow']:.3g} in the shallowest third of the inner layers vs x{d['deep']:.3g} in the deepest "
+                              f"(geometric means): ratio {d['ratio']:.3g} (threshold {cfg['deep_vs_shallow_min']:g}){first}"))
+    else:
+        verdicts.append(judge("deep-layers-blow-up-along-diverging-update", None, None,
+                              f"no update of the plain run (lrs tried: {div['tried']}) increased its batch loss"))
+
+    on, ob = summary["output_gradients_none"], summary["output_gradients_bn"]
+    ok = on["ratio"] >= cfg["ratio_alike_min"] and ob["ratio"] <= cfg["ratio_bn_max"]
+    verdicts.append(judge("output-gradient-rows-alike-without-bn", ok, on["ratio"],
+                          f"{cfg['grad_examples']} examples at initialization: ratio {on['ratio']:.3f} without BN (threshold >= "
+                          f"{cfg['ratio_alike_min']:g}; mean row cosine {on['row_cos']:.2f}; {on['majority']:.0%} predicted as one class), "
+                          f"{ob['ratio']:.3f} with BN (threshold <= {cfg['ratio_bn_max']:g}; row cosine {ob['row_cos']:.2f}; "
+                          f"{ob['majority']:.0%} as one class); Σ_k|Σ_i| = {on['abs_sum']:.3g} vs {ob['abs_sum']:.3g}"))
+
+    he, xa = summary["sv_he"], summary["sv_xavier"]
+    ok = min(he["growth"], xa["growth"]) >= cfg["sv_growth_min"]
+    verdicts.append(judge("singular-value-ratio-grows", ok, min(he["growth"], xa["growth"]),
+                          f"n = {cfg['sv_n']}, median of {cfg['sv_trials']}: largest/mean singular value {he['ratio_k1']:.3g} at k = 1 -> "
+                          f"{he['ratio_kmax']:.3g} at k = {cfg['sv_k_max']} (He), {xa['ratio_k1']:.3g} -> {xa['ratio_kmax']:.3g} (Xavier) "
+                          f"(threshold x{cfg['sv_growth_min']:g}); largest singular value at k = {cfg['sv_k_max']}: "
+                          f"{he['smax_kmax']:.3g} (He) vs {xa['smax_kmax']:.3g} (Xavier)"))
+    return verdicts, numbers
+
+
+# ----------------------------------------------------------------------------- figures
+_FLOOR = 1e-6
+
+
+def _log10(m: np.ndarray) -> np.ma.MaskedArray:
+    """log10 of magnitudes floored at 1e-6 (a dead layer's std is exactly 0); non-finite masked."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = np.log10(np.maximum(np.abs(m), _FLOOR))
+    return np.ma.masked_invalid(np.where(np.isfinite(m), v, np.nan))
+
+
+def _fig_moments(cfg, a, path):
+    from ..plotting import STYLE, color_for, plt, save
+
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        for ax, key, what in ((axes[0], "abs_mean", "average |channel mean|"), (axes[1], "std", "average channel std")):
+            for i, norm in enumerate(("none", "bn")):
+                c = color_for(norm, i)
+                v = a[f"init_{norm}_{key}"]
+                idx = np.arange(len(v))
+                ax.fill_between(idx, a[f"init_{norm}_{key}_q10"], a[f"init_{norm}_{key}_q90"], color=c, alpha=0.15, lw=0)
+                f = fit_growth(v)
+                ax.plot(idx, v, color=c, marker="o", ms=3, label=f"{_label(norm)} (x{f['factor']:.3f}/layer fitted)")
+                if math.isfinite(f["slope"]):
+                    xs = np.arange(f["first"], f["last"] + 1)
+                    ax.plot(xs, 10 ** (f["intercept"] + f["slope"] * xs), color=c, ls="--", lw=1)
+            ax.set_yscale("log")
+            ax.set_xlabel("layer (conv/linear outputs on the main path, input -> logits)")
+            ax.set_ylabel(what)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"At initialization: {cfg['model']}-{cfg['depth']} (width {cfg['width']}) on {cfg['data']}, "
+                     f"{cfg['n_init']} examples (band: 10-90 % over channels; dashed: fit over the inner layers)", fontsize=9)
+        return save(fig, path)
+
+
+def _heat(ax, fig, m, x, title, xlabel, cmap="viridis"):
+    import matplotlib as mpl
+
+    cm = mpl.colormaps[cmap].with_extremes(bad="lightgrey")
+    mm = _log10(m.T)  # rows: layers (0 = first), columns: steps / s
+    extent = None
+    im = ax.imshow(mm, aspect="auto", origin="lower", cmap=cm, interpolation="nearest", extent=extent)
+    n = len(x)
+    ticks = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{x[t]:g}" for t in ticks], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("layer (0 = first conv)")
+    ax.set_title(title, fontsize=8)
+    ax.grid(False)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    cb.set_label(f"log10 (floored at {_FLOOR:g})", fontsize=7)
+    cb.ax.tick_params(labelsize=7)
+
+
+def _fig_training_heatmaps(cfg, a, path):
+    from ..plotting import STYLE, plt, save
+
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
+        for row, norm in enumerate(("none", "bn")):
+            steps = a.get(f"train_{norm}_steps")
+            if steps is None or len(steps) == 0:
+                for ax in axes[row]:
+                    ax.text(0.5, 0.5, "no data", ha="center", transform=ax.transAxes)
+                continue
+            loss = a[f"train_{norm}_loss"]
+            for col, (key, what) in enumerate((("abs_mean", "average |channel mean|"), ("std", "average channel std"))):
+                title = f"{_label(norm)}: {what}"
+                _heat(axes[row, col], fig, a[f"train_{norm}_{key}"], steps, title, "training step")
+            lt = ", ".join(f"{v:.3g}" for v in loss[:8]) + (" ..." if len(loss) > 8 else "")
+            axes[row, 0].text(0.0, -0.32, f"loss per step: {lt}", transform=axes[row, 0].transAxes, fontsize=7, va="top")
+        lr = float(a["diverge_lr"]) if "diverge_lr" in a else None
+        fig.suptitle(f"Activation magnitudes during training at a large LR{' ' + format(lr, 'g') if lr else ''} "
+                     f"(grey: not finite; the plain run stops when its loss is not finite)", fontsize=9)
+        fig.tight_layout()
+        return save(fig, path)
+
+
+def _fig_interp(cfg, a, path):
+    from ..plotting import STYLE, plt, save
+
+    rows = [(p, w) for p, w in (("interp", "the diverging update (start of the final loss-increasing streak)"),
+                                 ("interp_first", "the first loss-increasing update")) if f"{p}_s" in a]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(max(1, len(rows)), 3, figsize=(13, 3.9 * max(1, len(rows))), gridspec_kw={"width_ratios": [1, 1, 0.8]},
+                                 squeeze=False)
+        if not rows:
+            for ax in axes[0]:
+                ax.text(0.5, 0.5, "no update increased the loss", ha="center", transform=ax.transAxes)
+            return save(fig, path)
+        for row, (prefix, what_update) in enumerate(rows):
+            s = a[f"{prefix}_s"]
+            step = int(a[f"{prefix}_step"])
+            for ax, (key, what) in zip(axes[row, :2], (("abs_mean", "average |channel mean|"), ("std", "average channel std"))):
+                _heat(ax, fig, a[f"{prefix}_{key}"], s, f"step {step}: {what} along w + sΔw", "s (fraction of the update applied)")
+            loss = a[f"{prefix}_loss"]
+            ax = axes[row, 2]
+            ax.plot(s, np.where(np.isfinite(loss), loss, np.nan), color="#d62728", marker="o", ms=3)
+            ax.set_yscale("log")
+            ax.set_xlabel("s")
+            ax.set_ylabel("batch loss L_B(w + sΔw)")
+            ax.set_title(f"{what_update}:\nloss along it (relative loss {loss[-1] / loss[0]:.3g})", fontsize=8)
+        fig.suptitle(f"Updates of the plain run at lr {float(a['diverge_lr']):g} ({cfg['model']}-{cfg['depth']} on {cfg['data']})", fontsize=9)
+        fig.tight_layout()
+        return save(fig, path)
+
+
+def _fig_singular_values(cfg, a, path):
+    from ..plotting import STYLE, plt, save
+
+    with plt.rc_context(STYLE):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+        colors = {"he": "#1f77b4", "xavier": "#ff7f0e"}
+        names = {"he": "He, std √(2/n)", "xavier": "Xavier, std √(1/n)"}
+        for scheme in ("he", "xavier"):
+            r = a[f"sv_{scheme}_ratio"]
+            k = np.arange(1, r.shape[1] + 1)
+            c = colors[scheme]
+            ax1.fill_between(k, r.min(0), r.max(0), color=c, alpha=0.15, lw=0)
+            ax1.plot(k, np.median(r, 0), color=c, label=names[scheme])
+            ax2.plot(k, np.median(a[f"sv_{scheme}_smax"], 0), color=c, label=f"{names[scheme]}: largest")
+            ax2.plot(k, np.median(a[f"sv_{scheme}_smean"], 0), color=c, ls="--", label=f"{names[scheme]}: mean")
+        ax1.set_yscale("log")
+        ax1.set_xlabel("k (number of matrices in the product)")
+        ax1.set_ylabel("largest / mean singular value")
+        ax1.set_title("ratio (median and range over trials; scale-invariant)", fontsize=8)
+        ax1.legend(fontsize=7)
+        ax2.set_yscale("log")
+        ax2.set_xlabel("k")
+        ax2.set_ylabel("singular value")
+        ax2.set_title("largest and mean singular value (median)", fontsize=8)
+        ax2.legend(fontsize=7)
+        fig.suptitle(f"Products of k random Gaussian {cfg['sv_n']}x{cfg['sv_n']} matrices, {cfg['sv_trials']} trials", fontsize=9)
+        return save(fig, path)
+
+
+def _fig_output_gradients(cfg, a, path):
+    from ..plotting import STYLE, plt, save
+
+    labels = a["grad_labels"]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 5.2))
+        for ax, norm in zip(axes, ("none", "bn")):
+            g = a[f"grad_{norm}"]
+            al = gradient_alignment(torch.from_numpy(g))
+            lim = float(np.abs(g).max()) or 1.0
+            im = ax.imshow(g, aspect="auto", cmap="RdBu_r", vmin=-lim, vmax=lim, interpolation="nearest")
+            ax.scatter(labels, np.arange(len(labels)), s=4, c="k", marker="o", label="true class")
+            ax.set_xlabel("class k")
+            ax.set_ylabel("example i (sorted by label)")
+            ax.set_xticks(range(g.shape[1]))
+            ax.set_title(f"{_label(norm)}: ∂L/∂z_ik\n|Σ_i| / Σ_i|·| summed over k = {al['ratio']:.3f}", fontsize=8)
+            ax.grid(False)
+            cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+            cb.ax.tick_params(labelsize=7)
+        axes[0].legend(fontsize=7, loc="lower left")
+        fig.suptitle(f"Gradient of the loss with respect to the outputs at initialization ({len(labels)} examples)", fontsize=9)
+        fig.tight_layout()
+        return save(fig, path)

@@ -1,0 +1,565 @@
+"""Activations and output gradients of a network: the quantities of Bjorck et al. (2018).
+
+Three probes and the functions they are thin adapters over:
+
+* :class:`ActivationStats` (cheap): per layer and per channel, the mean, standard deviation and
+  largest magnitude of the outputs of chosen layers, read by forward hooks **during the training
+  forward pass itself** (no extra pass).
+* :class:`OutputGradients` (standard): ``G = ∂L_B/∂z`` (examples x classes, ``z`` the logits) from
+  a separate forward pass on the probe batch, and the alignment of its rows
+  ``Σ_k |Σ_i G_ik| / Σ_k Σ_i |G_ik|`` (1 when every example pushes each logit the same way).
+* :class:`UpdateInterpolation` (standard): activation statistics and the batch loss along the
+  segment ``w_t + s Δw``, ``s ∈ [0, 1]``, of one optimizer step ``Δw = w_{t+1} - w_t``.
+
+**Channel statistics.** For a layer output ``h`` of shape ``(N, C, *spatial)`` (or ``(N, C)``), per
+channel ``c``, over the ``N`` examples and all spatial positions::
+
+    mean_c   = E[h_c]                       (signed)
+    std_c    = sqrt(E[(h_c - mean_c)²])      (population standard deviation, correction 0)
+    absmax_c = max |h_c|
+
+A :class:`ChannelStats` holds these three ``(C,)`` tensors (float64, CPU). Its per-layer summary
+(the numbers a probe records) is ``abs_mean = mean_c |mean_c|``, ``std = mean_c std_c`` and
+``absmax = max_c absmax_c``: Bjorck et al.'s "average channel mean and standard deviation".
+
+**Layer set.** ``layers`` chooses the modules whose outputs are measured:
+
+* ``None`` (default): ``("affine", "block")``;
+* ``"affine"``: every convolution and ``nn.Linear`` (the pre-normalization activations, and the
+  logits through the classifier);
+* ``"norm"``: every normalization layer (:func:`bnlab.models.is_norm_layer`);
+* ``"block"``: composite modules held directly in an ``nn.Sequential``/``nn.ModuleList``
+  (e.g. the residual blocks of ``preresnet``, whose output is the residual stream);
+* a tuple of these names, an iterable of module names (``model.named_modules()`` names), or a
+  callable ``(name, module) -> bool``.
+
+Layers are reported in the order their outputs are computed in the forward pass (which is not
+always registration order: a residual block's shortcut runs before its second conv). A module
+called more than once in a pass is reported once per call, as ``name``, ``name#1``, ...
+
+Reference:
+    Bjorck, Gomes, Selman, Weinberger, Understanding Batch Normalization (NeurIPS 2018): the
+    activations along a diverging update, channel moments against depth, and the gradients of
+    the final outputs at initialization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import UserError
+from .base import Probe, StepContext
+
+__all__ = [
+    "ChannelStats",
+    "LayerStats",
+    "select_layers",
+    "activation_stats",
+    "output_gradients",
+    "gradient_alignment",
+    "ActivationStats",
+    "OutputGradients",
+    "UpdateInterpolation",
+    "LAYER_PRESETS",
+]
+
+LayerSpec = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+LAYER_PRESETS = ("affine", "norm", "block")
+_STATS = ("abs_mean", "std", "absmax")
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass
+class ChannelStats:
+    """Per-channel statistics of one layer's output: three float64 CPU tensors of shape ``(C,)``."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    absmax: torch.Tensor
+
+    @classmethod
+    def of(cls, h: torch.Tensor) -> "ChannelStats":
+        """Statistics of an output ``h`` of shape ``(N, C, *spatial)``, ``(N, C)`` or ``(N,)``."""
+        h = h.detach()
+        if h.dim() == 1:
+            h = h[:, None]
+        h = h.transpose(0, 1).reshape(h.shape[1], -1).to(torch.float64)  # (C, N * positions)
+        std, mean = torch.std_mean(h, dim=1, correction=0)
+        return cls(mean.cpu(), std.cpu(), h.abs().amax(dim=1).cpu())
+
+    def summary(self) -> dict[str, float]:
+        """``abs_mean`` = mean over channels of ``|mean_c|``, ``std`` = mean of ``std_c``, ``absmax`` = max."""
+        return {
+            "abs_mean": float(self.mean.abs().mean()),
+            "std": float(self.std.mean()),
+            "absmax": float(self.absmax.max()),
+        }
+
+
+#: ``{layer name: ChannelStats}`` in forward order.
+LayerStats = dict
+
+
+def _is_container(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
+
+
+def _preset(name: str) -> Callable[[str, nn.Module, Optional[nn.Module]], bool]:
+    from ..models import is_norm_layer
+
+    if name == "affine":
+        return lambda n, m, parent: isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    if name == "norm":
+        return lambda n, m, parent: is_norm_layer(m)
+    if name == "block":
+        return lambda n, m, parent: (
+            parent is not None and _is_container(parent) and not _is_container(m) and any(True for _ in m.children())
+        )
+    raise UserError(f"unknown layer set {name!r}; accepted: {', '.join(LAYER_PRESETS)}, a list of module names, or a callable")
+
+
+def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs of ``model`` chosen by ``layers`` (see the module docstring).
+
+    Raises:
+        UserError: unknown preset or module name, or nothing selected.
+    """
+    named = [(n, m) for n, m in model.named_modules() if n]  # never the root itself
+    parents = {}
+    for pn, pm in model.named_modules():
+        for cn, cm in pm.named_children():
+            parents[f"{pn}.{cn}" if pn else cn] = pm
+    if layers is None:
+        layers = ("affine", "block")
+    if isinstance(layers, str):
+        layers = (layers,)
+    if callable(layers):
+        chosen = [(n, m) for n, m in named if layers(n, m)]
+    elif all(isinstance(s, str) and s in LAYER_PRESETS for s in layers):
+        preds = [_preset(s) for s in layers]
+        chosen = [(n, m) for n, m in named if any(p(n, m, parents.get(n)) for p in preds)]
+    else:
+        by_name = dict(named)
+        unknown = [s for s in layers if s not in by_name]
+        if unknown:
+            raise UserError(f"no module named {unknown[0]!r} in the model; accepted: {', '.join(LAYER_PRESETS)} or names like {named[0][0]!r}")
+        chosen = [(s, by_name[s]) for s in layers]
+    if not chosen:
+        raise UserError(f"layer selection {layers!r} matches no module of {type(model).__name__}")
+    return chosen
+
+
+class _Recorder:
+    """Forward hooks on the selected modules; they record only while ``active`` is true.
+
+    The hooks read the outputs (detached, under ``no_grad``) and return ``None``: they never
+    change the forward pass.
+    """
+
+    def __init__(self, model: nn.Module, layers: LayerSpec):
+        self.model = model
+        self.layers = select_layers(model, layers)
+        self.active = False
+        self.stats: LayerStats = {}
+        self._handles: list = []
+
+    def attach(self) -> "_Recorder":
+        if not self._handles:
+            self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.layers]
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self.active = False
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if not self.active:
+                return None
+            out = output[0] if isinstance(output, (tuple, list)) and output else output
+            if not isinstance(out, torch.Tensor) or out.dim() == 0:
+                return None
+            key, k = name, 0
+            while key in self.stats:
+                k += 1
+                key = f"{name}#{k}"
+            with torch.no_grad():
+                self.stats[key] = ChannelStats.of(out)
+            return None
+
+        return hook
+
+    def __enter__(self):
+        self.stats = {}
+        self.attach()
+        self.active = True
+        return self
+
+    def __exit__(self, *exc):
+        self.detach()
+
+
+def _state(model: nn.Module, params: Optional[dict] = None, buffers: Optional[dict] = None) -> dict:
+    """Parameters (``params`` or the model's own, detached) and *clones* of the buffers, for
+    :func:`torch.func.functional_call`: a train-mode BatchNorm updates the clones, not the model."""
+    p = params if params is not None else {n: t.detach() for n, t in model.named_parameters()}
+    src = buffers if buffers is not None else dict(model.named_buffers())
+    return {**p, **{n: b.detach().clone() for n, b in src.items()}}
+
+
+@torch.no_grad()
+def _forward_stats(model: nn.Module, x: torch.Tensor, layers: LayerSpec, params=None, buffers=None) -> tuple[LayerStats, torch.Tensor]:
+    with torch.random.fork_rng(devices=[]), _Recorder(model, layers) as rec:
+        out = functional_call(model, _state(model, params, buffers), (x,))
+    return rec.stats, out
+
+
+def activation_stats(model: nn.Module, x: torch.Tensor, layers: LayerSpec = None, *, params: Optional[dict] = None) -> LayerStats:
+    """Per-channel statistics of the selected layers' outputs for one forward pass on ``x``.
+
+    The pass runs in the model's current mode (a train-mode BatchNorm normalizes with the
+    statistics of ``x``, as in training) through :func:`torch.func.functional_call` with cloned
+    buffers: the model, its buffers and the RNG are left exactly as they were.
+
+    Args:
+        model: the network.
+        x: a batch of inputs ``(N, ...)``.
+        layers: the layer set (see the module docstring).
+        params: evaluate at these parameters ``{name: tensor}`` instead of the model's own.
+
+    Returns:
+        ``{layer name: ChannelStats}`` in forward order.
+
+    Example:
+        >>> stats = activation_stats(net, x, "affine")
+        >>> [s.summary()["std"] for s in stats.values()]   # average channel std per layer
+    """
+    return _forward_stats(model, x, layers, params)[0]
+
+
+def output_gradients(model: nn.Module, batch, loss_fn: Callable = F.cross_entropy, *, params: Optional[dict] = None) -> torch.Tensor:
+    """``G = ∂L_B/∂z``: the gradient of the batch loss with respect to the network outputs.
+
+    For cross-entropy with mean reduction ``G_i = (softmax(z_i) - onehot(y_i)) / N``. One forward
+    pass (model's current mode, cloned buffers, RNG restored) and a backward pass through the
+    loss only: nothing in the model changes and no ``.grad`` is written.
+
+    Args:
+        model: the network.
+        batch: ``(x, y)``.
+        loss_fn: ``loss_fn(logits, y) -> scalar``.
+        params: evaluate at these parameters instead of the model's own.
+
+    Returns:
+        ``(N, K)`` tensor (detached).
+    """
+    return _logits_and_output_grad(model, batch, loss_fn, params)[1]
+
+
+def _logits_and_output_grad(model: nn.Module, batch, loss_fn: Callable, params: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = batch
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        z = functional_call(model, _state(model, params), (x,))
+    z = z.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(loss_fn(z, y), z)
+    return z.detach(), g.detach()
+
+
+def gradient_alignment(g: torch.Tensor) -> dict[str, float]:
+    """How alike the rows (examples) of an output gradient ``G`` (N x K) are.
+
+    ::
+
+        abs_sum = Σ_k |Σ_i G_ik|        sum_abs = Σ_k Σ_i |G_ik|        ratio = abs_sum / sum_abs
+
+    ``ratio`` is 1 when, for every class, all examples push its logit the same way (the network
+    predicts alike for all inputs) and small when the examples' gradients cancel. Also
+    ``row_cos``: the mean cosine similarity between distinct rows.
+    """
+    g = g.detach().to(torch.float64)
+    abs_sum = float(g.sum(0).abs().sum())
+    sum_abs = float(g.abs().sum())
+    n = g.shape[0]
+    u = g / g.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    s = u.sum(0)
+    row_cos = float((s @ s - (u * u).sum()) / (n * (n - 1))) if n > 1 else float("nan")
+    return {"abs_sum": abs_sum, "sum_abs": sum_abs, "ratio": abs_sum / sum_abs if sum_abs > 0 else float("nan"), "row_cos": row_cos}
+
+
+def _flat(stats: LayerStats, per_channel: bool) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for layer, cs in stats.items():
+        for k, v in cs.summary().items():
+            out[f"{layer}/{k}"] = v
+        if per_channel:
+            for c in range(cs.mean.numel()):
+                out[f"{layer}/{c}/mean"] = float(cs.mean[c])
+                out[f"{layer}/{c}/std"] = float(cs.std[c])
+                out[f"{layer}/{c}/absmax"] = float(cs.absmax[c])
+    return out
+
+
+# ----------------------------------------------------------------------------- probes
+def _same_input(a, x: torch.Tensor) -> bool:
+    """Whether a forward pass's input is the step's batch (the same tensor, or an equal copy)."""
+    if a is x:
+        return True
+    if not isinstance(a, torch.Tensor) or a.shape != x.shape:
+        return False
+    return a.device != x.device or bool(torch.equal(a, x))
+
+
+class ActivationStats(Probe):
+    """Channel mean, standard deviation and largest magnitude of each layer's output (cost: cheap).
+
+    Forward hooks, registered at ``before_step`` of a scheduled step and removed at its
+    ``after_backward`` (or ``after_step`` when the step stopped early), read the outputs of the
+    **training forward pass** at ``w_t``: no extra pass. Step 0 is the initialization. The pass
+    measured is the first forward of the root model after ``before_step`` that runs with gradients
+    enabled, on the step's input tensor, with the model's own parameters (so passes of other
+    probes through :func:`torch.func.functional_call` or under ``no_grad`` are ignored).
+
+    Records ``"<layer>/abs_mean"``, ``"<layer>/std"``, ``"<layer>/absmax"`` per layer (see the
+    module docstring) and, with ``per_channel``, ``"<layer>/<c>/mean|std|absmax"`` per channel.
+    With ``keep`` the full per-channel statistics are kept in ``self.history`` as
+    ``(step, {layer: ChannelStats})``.
+
+    Args:
+        every: steps to measure at (an int n: steps 0, n, 2n, ...).
+        layers: the layer set (module docstring); default convolutions, linear layers and blocks.
+        per_channel: also record every channel's numbers.
+        keep: keep the per-channel tensors in ``history``.
+        name: metric prefix.
+
+    Example:
+        >>> probe = ActivationStats(every=10, layers="affine")
+        >>> train(net, data, opt, steps=100, probes=[probe])
+        >>> step, stats = probe.history[0]          # at initialization
+    """
+
+    name = "act"
+    cost = "cheap"
+
+    def __init__(self, every: int | Callable[[int], bool] = 1, layers: LayerSpec = None, *, per_channel: bool = False,
+                 keep: bool = True, name: str = "act"):
+        super().__init__(every)
+        self.layers = layers
+        self.per_channel = per_channel
+        self.keep = keep
+        self.name = name
+        self.history: list[tuple[int, LayerStats]] = []
+        self._rec: Optional[_Recorder] = None
+        self._root_handles: list = []
+        self._x = None
+        self._armed = False
+        self._done = False
+        self._own: Optional[tuple] = None
+
+    # The root hooks decide which forward pass is the training pass.
+    def _root_pre(self, module, args):
+        if not self._armed or self._done or self._rec.active or not torch.is_grad_enabled():
+            return None
+        if self._x is not None and not (args and _same_input(args[0], self._x)):
+            return None
+        if self._own is not None:
+            mod, pname, p = self._own
+            if mod._parameters.get(pname) is not p:  # inside functional_call: not the model's own weights
+                return None
+        self._rec.stats = {}
+        self._rec.active = True
+        return None
+
+    def _root_post(self, module, args, output):
+        if self._rec is not None and self._rec.active:
+            self._rec.active = False
+            self._done = True
+        return None
+
+    def before_step(self, ctx: StepContext) -> None:
+        model = ctx.model
+        if self._rec is None or self._rec.model is not model:
+            self._release()
+            self._rec = _Recorder(model, self.layers)
+            self._own = None
+            for mod in model.modules():
+                for pname, p in mod._parameters.items():
+                    if p is not None:
+                        self._own = (mod, pname, p)
+                        break
+                if self._own is not None:
+                    break
+        self._rec.attach()
+        if not self._root_handles:
+            self._root_handles = [model.register_forward_pre_hook(self._root_pre), model.register_forward_hook(self._root_post)]
+        batch = ctx.batch
+        self._x = batch[0] if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor) else None
+        self._armed, self._done = True, False
+        return None
+
+    def _finish(self, ctx: StepContext) -> dict:
+        if not self._armed:
+            return {}
+        stats = self._rec.stats if self._done else {}
+        self._armed = False
+        self._x = None
+        self._release()
+        if not stats:
+            return {}
+        if self.keep:
+            self.history.append((ctx.step, stats))
+        return _flat(stats, self.per_channel)
+
+    def _release(self) -> None:
+        if self._rec is not None:
+            self._rec.detach()
+        for h in self._root_handles:
+            h.remove()
+        self._root_handles = []
+
+    def after_backward(self, ctx: StepContext) -> dict:
+        return self._finish(ctx)
+
+    def after_step(self, ctx: StepContext) -> dict:
+        return self._finish(ctx)  # only when after_backward did not run (a non-finite loss)
+
+
+class OutputGradients(Probe):
+    """The gradient of the batch loss with respect to the logits, ``G = ∂L_B/∂z`` (cost: standard).
+
+    At ``before_step`` (weights ``w_t``; step 0 is the initialization) a separate forward pass on
+    the probe batch (the step's batch, or a fixed ``batch``) in the model's current mode, with
+    cloned buffers, then a backward pass through the loss only. Records ``ratio``
+    (``Σ_k |Σ_i G_ik| / Σ_k Σ_i |G_ik|``), ``abs_sum``, ``sum_abs``, ``row_cos`` (see
+    :func:`gradient_alignment`) and ``majority``, the fraction of examples predicted as the most
+    predicted class. With ``keep``, ``self.history`` holds ``(step, G)`` with ``G`` of shape
+    ``(N, K)``: the data of Bjorck et al.'s output-gradient heat map.
+
+    Args:
+        every: steps to measure at.
+        batch: a fixed ``(x, y)`` probe batch; default the step's own batch.
+        keep: keep ``G`` in ``history``.
+        name: metric prefix.
+    """
+
+    name = "out_grad"
+    cost = "standard"
+
+    def __init__(self, every: int | Callable[[int], bool] = 1, batch=None, *, keep: bool = True, name: str = "out_grad"):
+        super().__init__(every)
+        self.batch = batch
+        self.keep = keep
+        self.name = name
+        self.history: list[tuple[int, torch.Tensor]] = []
+
+    def before_step(self, ctx: StepContext) -> dict:
+        batch = self.batch if self.batch is not None else ctx.batch
+        if batch is None:
+            return {}
+        x, y = batch
+        dev = next((p.device for p in ctx.model.parameters()), x.device)
+        x, y = x.to(dev), y.to(dev)
+        z, g = _logits_and_output_grad(ctx.model, (x, y), ctx.loss_fn or F.cross_entropy)
+        g = g.detach().cpu()
+        if self.keep:
+            self.history.append((ctx.step, g))
+        pred = z.argmax(1)
+        majority = float(torch.bincount(pred).max()) / len(pred) if len(pred) else float("nan")
+        return {**gradient_alignment(g), "majority": majority}
+
+
+class UpdateInterpolation(Probe):
+    """Loss and activations along one step, ``w_t + s Δw`` with ``Δw = w_{t+1} - w_t`` (cost: standard).
+
+    ``w_t`` (parameters and buffers) is copied at ``before_step``; at ``after_step`` (weights
+    ``w_{t+1}``, only when the step completed its backward pass) the batch of the step is sent
+    through the network at ``w_t + s Δw`` for each ``s`` with :func:`torch.func.functional_call`
+    (the model's parameters and buffers are never touched; the buffers used are clones of those
+    at ``w_t``; in train mode a BatchNorm normalizes with the batch's statistics, as in
+    training). ``s = 0`` reproduces the training forward pass at ``w_t`` and ``s = 1`` the pass at
+    ``w_{t+1}`` on the same batch.
+
+    Records ``rel_loss = L_B(w_{t+1}) / L_B(w_t)`` (the relative loss of the actual step), and per
+    ``s`` (formatted ``s0.25``, ``s1``) ``"<s>/loss"`` and, with ``emit_layers``, ``"<s>/<layer>/abs_mean|std|absmax"``.
+    With ``keep``, ``self.history`` holds ``(step, {"s": tensor, "loss": tensor, "stats": [LayerStats per s]})``.
+
+    Args:
+        every: steps to measure at.
+        s: the positions along the update (default 11 points 0, 0.1, ..., 1).
+        layers: the layer set (module docstring).
+        emit_layers: record per-layer numbers (else only the losses).
+        keep: keep the per-channel statistics in ``history``.
+        name: metric prefix.
+    """
+
+    name = "interp"
+    cost = "standard"
+
+    def __init__(self, every: int | Callable[[int], bool] = 1, s: Sequence[float] | int = 11, layers: LayerSpec = None, *,
+                 emit_layers: bool = True, keep: bool = True, name: str = "interp"):
+        super().__init__(every)
+        grid = torch.linspace(0.0, 1.0, s) if isinstance(s, int) else torch.as_tensor(list(s), dtype=torch.float64)
+        if grid.numel() < 1:
+            raise UserError("UpdateInterpolation needs at least one position s")
+        self.s = [float(v) for v in grid]
+        self.layers = layers
+        self.emit_layers = emit_layers
+        self.keep = keep
+        self.name = name
+        self.history: list[tuple[int, dict]] = []
+        self._w: Optional[dict] = None
+        self._buf: Optional[dict] = None
+        self._stepped = False
+
+    def before_step(self, ctx: StepContext) -> None:
+        if ctx.batch is None:
+            self._w = None
+            return None
+        self._w = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+        self._buf = {n: b.detach().clone() for n, b in ctx.model.named_buffers()}
+        self._stepped = False
+        return None
+
+    def after_backward(self, ctx: StepContext) -> None:
+        self._stepped = True
+        return None
+
+    def after_step(self, ctx: StepContext) -> dict:
+        w0, buf = self._w, self._buf
+        self._w = self._buf = None
+        if w0 is None or not self._stepped:
+            return {}
+        model = ctx.model
+        x, y = ctx.batch
+        loss_fn = ctx.loss_fn or F.cross_entropy
+        w1 = {n: p.detach() for n, p in model.named_parameters()}
+        losses, per_s, out = [], [], {}
+        for s in self.s:
+            params = {n: w0[n] + s * (w1[n] - w0[n]) for n in w0}
+            if s == 0.0:
+                params = w0
+            elif s == 1.0:
+                params = w1
+            stats, z = _forward_stats(model, x, self.layers, params, buf)
+            with torch.no_grad():
+                loss = float(loss_fn(z, y))
+            losses.append(loss)
+            per_s.append(stats)
+            key = f"s{s:g}"
+            out[f"{key}/loss"] = loss
+            if self.emit_layers:
+                out.update({f"{key}/{k}": v for k, v in _flat(stats, False).items()})
+        l0, l1 = losses[self.s.index(0.0)] if 0.0 in self.s else None, losses[self.s.index(1.0)] if 1.0 in self.s else None
+        if l0 is not None and l1 is not None:
+            out["rel_loss"] = l1 / l0 if l0 != 0 else float("nan")
+        if self.keep:
+            self.history.append((ctx.step, {"s": torch.tensor(self.s, dtype=torch.float64), "loss": torch.tensor(losses, dtype=torch.float64), "stats": per_s}))
+        return out

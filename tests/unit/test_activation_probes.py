@@ -1,0 +1,286 @@
+"""bnlab.probes.activations: values against independent computations, and that training is untouched."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bnlab import models
+from bnlab.data import ArrayData
+from bnlab.errors import UserError
+from bnlab.monitor import Monitor
+from bnlab.probes.activations import (
+    ActivationStats,
+    ChannelStats,
+    OutputGradients,
+    UpdateInterpolation,
+    activation_stats,
+    gradient_alignment,
+    output_gradients,
+    select_layers,
+)
+from bnlab.probes.base import StepContext
+from bnlab.train import make_optimizer, train
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(n=48, shape=(1, 8, 8), k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ArrayData(torch.randn(n, *shape, generator=g), torch.randint(0, k, (n,), generator=g), k)
+
+
+def _manual(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean, population std and max |.| by brute force, channel by channel."""
+    h = h.detach().double()
+    c = h.shape[1]
+    means, stds, maxs = [], [], []
+    for j in range(c):
+        v = h[:, j].reshape(-1)
+        m = v.sum() / v.numel()
+        means.append(m)
+        stds.append(torch.sqrt(((v - m) ** 2).sum() / v.numel()))
+        maxs.append(v.abs().max())
+    return torch.stack(means), torch.stack(stds), torch.stack(maxs)
+
+
+def _close(cs: ChannelStats, h: torch.Tensor, rtol=1e-9, atol=1e-12):
+    m, s, a = _manual(h)
+    assert torch.allclose(cs.mean, m, rtol=rtol, atol=atol)
+    assert torch.allclose(cs.std, s, rtol=rtol, atol=atol)
+    assert torch.allclose(cs.absmax, a, rtol=rtol, atol=atol)
+
+
+def _mlp_outputs(model, x):
+    """Run the bnlab mlp layer by layer (a copy, train mode); return {name: output} of Linear and norm layers."""
+    model = copy.deepcopy(model)
+    outs = {}
+    h = x
+    for i, layer in enumerate(model.features):
+        h = layer(h)
+        if isinstance(layer, (nn.Linear, nn.BatchNorm1d)):
+            outs[f"features.{i}"] = h
+    outs["classifier"] = model.classifier(torch.flatten(h, 1))
+    return outs
+
+
+# ----------------------------------------------------------------------------- layer selection
+def test_layer_presets_pick_convs_linears_norms_and_residual_blocks():
+    net = models.make("preresnet", norm="bn", in_shape=(1, 8, 8), num_classes=3, depth=8, width=4, seed=0)
+    affine = [n for n, _ in select_layers(net, "affine")]
+    assert affine[0] == "features.0" and affine[-1] == "classifier" and "features.2.shortcut" in affine
+    assert all(isinstance(m, (nn.Conv2d, nn.Linear)) for _, m in select_layers(net, "affine"))
+    assert [n for n, _ in select_layers(net, "block")] == ["features.1", "features.2", "features.3"]
+    assert all(isinstance(m, nn.BatchNorm2d) for _, m in select_layers(net, "norm"))
+    assert [n for n, _ in select_layers(net, ["features.1.conv1", "classifier"])] == ["features.1.conv1", "classifier"]
+    with pytest.raises(UserError, match="accepted"):
+        select_layers(net, "convs")
+    with pytest.raises(UserError, match="no module named"):
+        select_layers(net, ["features.99"])
+
+
+# ----------------------------------------------------------------------------- ActivationStats
+def test_activation_stats_function_equals_layer_by_layer_statistics():
+    net = models.make("mlp", norm="bn", in_shape=(1, 8, 8), num_classes=4, width=12, depth=3, seed=1)
+    x = _data().x
+    before = copy.deepcopy(net.state_dict())
+    stats = activation_stats(net, x, ["features.1", "features.2", "features.4", "classifier"])
+    outs = _mlp_outputs(net, x)
+    assert list(stats) == ["features.1", "features.2", "features.4", "classifier"]
+    for name, cs in stats.items():
+        _close(cs, outs[name])
+    # BN outputs in train mode are normalized: channel mean 0, std 1 (up to eps)
+    assert stats["features.2"].mean.abs().max() < 1e-6 and (stats["features.2"].std - 1).abs().max() < 1e-3
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # running stats untouched
+
+
+def test_block_outputs_of_a_residual_net_equal_running_the_blocks_by_hand():
+    net = models.make("preresnet", norm="none", in_shape=(2, 12), num_classes=3, depth=8, width=4, seed=0)
+    x = torch.randn(10, 2, 12, generator=torch.Generator().manual_seed(3))
+    stats = activation_stats(net, x, "block")
+    h = x
+    hand = {}
+    for i, layer in enumerate(net.features):
+        h = layer(h)
+        if f"features.{i}" in stats:
+            hand[f"features.{i}"] = h
+    assert list(stats) == list(hand)
+    for name in stats:
+        _close(stats[name], hand[name], rtol=1e-6, atol=1e-9)
+
+
+def test_probe_reads_the_training_forward_pass_and_matches_manual_stats():
+    tr = _data()
+    net = models.make("mlp", norm="bn", in_shape=(1, 8, 8), num_classes=4, width=12, depth=3, seed=1)
+    init = copy.deepcopy(net)
+    first_x = next(iter(tr.batches(16, shuffle=True, generator=torch.Generator().manual_seed(0))))[0]
+    probe = ActivationStats(every=2, layers=["features.1", "features.2", "classifier"], per_channel=True)
+    # OutputGradients runs its own forward pass in before_step, after ActivationStats armed its hooks:
+    # that pass must not be the one measured.
+    h = train(net, tr, make_optimizer(net.parameters(), lr=0.1, momentum=0.9), steps=5, batch_size=16,
+              probes=[probe, OutputGradients(every=1)], device="cpu", seed=0, eval_train=False)
+    assert [s for s, _ in probe.history] == [0, 2, 4]
+    step0 = probe.history[0][1]
+    outs = _mlp_outputs(init, first_x)
+    for name in ("features.1", "features.2", "classifier"):
+        _close(step0[name], outs[name], rtol=1e-6, atol=1e-7)
+    rec = h.records[0]
+    assert rec["act/classifier/std"] == pytest.approx(float(step0["classifier"].std.mean()))
+    assert rec["act/classifier/absmax"] == pytest.approx(float(step0["classifier"].absmax.max()))
+    assert rec["act/features.1/abs_mean"] == pytest.approx(float(step0["features.1"].mean.abs().mean()))
+    assert rec["act/features.1/3/mean"] == pytest.approx(float(step0["features.1"].mean[3]))
+    assert "act/classifier/std" not in h.records[1]
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())  # hooks removed
+
+
+def test_probe_records_the_step_whose_loss_is_not_finite():
+    tr = _data(n=16)
+    tr.x[0, 0, 0, 0] = float("inf")
+    net = models.make("mlp", norm="none", in_shape=(1, 8, 8), num_classes=4, width=8, depth=2, seed=0)
+    probe = ActivationStats(layers="affine")
+    h = train(net, tr, make_optimizer(net.parameters(), lr=0.1), steps=3, batch_size=16, probes=[probe], device="cpu")
+    assert h.diverged and h.diverged_at == 0
+    assert [s for s, _ in probe.history] == [0] and not math.isfinite(h.records[0]["act/classifier/absmax"])
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+# ----------------------------------------------------------------------------- OutputGradients
+def test_output_gradients_equal_softmax_minus_onehot_over_batch_size():
+    tr = _data(n=20, k=5)
+    net = models.make("convnet", norm="bn", in_shape=(1, 8, 8), num_classes=5, width=4, seed=2)
+    g = output_gradients(net, (tr.x, tr.y))
+    ref = copy.deepcopy(net)
+    expected = (F.softmax(ref(tr.x), dim=1) - F.one_hot(tr.y, 5)) / len(tr.y)
+    assert g.shape == (20, 5)
+    assert torch.allclose(g, expected.detach(), atol=1e-7)
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_gradient_alignment_of_identical_and_cancelling_rows():
+    row = torch.tensor([[0.7, -0.2, -0.5]])
+    same = gradient_alignment(row.repeat(6, 1))
+    assert same["ratio"] == pytest.approx(1.0) and same["row_cos"] == pytest.approx(1.0)
+    assert same["abs_sum"] == pytest.approx(6 * 1.4)
+    cancel = gradient_alignment(torch.cat([row, -row]))
+    assert cancel["ratio"] == pytest.approx(0.0) and cancel["row_cos"] == pytest.approx(-1.0)
+    g = torch.randn(7, 4, generator=torch.Generator().manual_seed(0))
+    ref = float(g.sum(0).abs().sum() / g.abs().sum())
+    assert gradient_alignment(g)["ratio"] == pytest.approx(ref)
+
+
+def test_output_gradients_probe_records_the_heat_map_and_ratio():
+    tr = _data(n=32, k=4)
+    net = models.make("mlp", norm="none", in_shape=(1, 8, 8), num_classes=4, width=8, depth=2, seed=0)
+    fixed = (tr.x[:12], tr.y[:12])
+    probe = OutputGradients(every=3, batch=fixed)
+    init = copy.deepcopy(net)
+    h = train(net, tr, make_optimizer(net.parameters(), lr=0.05), steps=4, batch_size=8, probes=[probe], device="cpu")
+    assert [s for s, _ in probe.history] == [0, 3]
+    g0 = probe.history[0][1]
+    assert torch.allclose(g0, output_gradients(init, fixed), atol=0)
+    assert h.records[0]["out_grad/ratio"] == pytest.approx(gradient_alignment(g0)["ratio"])
+    assert 0 < h.records[0]["out_grad/majority"] <= 1
+
+
+# ----------------------------------------------------------------------------- UpdateInterpolation
+def test_interpolation_endpoints_equal_stats_at_w_t_and_w_t_plus_1():
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 4, (16,), generator=gen)) for _ in range(3)]
+    net = models.make("preresnet", norm="bn", in_shape=(1, 8, 8), num_classes=4, depth=8, width=4, seed=0)
+    opt = make_optimizer(net.parameters(), lr=0.2, momentum=0.9)
+    interp = UpdateInterpolation(every=1, s=[0.0, 0.5, 1.0], layers=("affine", "block"))
+    act = ActivationStats(every=1, layers=("affine", "block"))
+    records: list = []
+    snapshots = []
+    mon = Monitor(net, opt, probes=[act, interp], log=records, loss_fn=F.cross_entropy)
+    for x, y in batches:
+        snapshots.append(copy.deepcopy(net))  # w_t (with the buffers before the step)
+        with mon.step((x, y)) as s:
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            s.loss = loss
+            opt.step()
+    snapshots.append(copy.deepcopy(net))
+    assert [t for t, _ in interp.history] == [0, 1, 2]
+    for t, (x, y) in enumerate(batches):
+        h = interp.history[t][1]
+        at_s0, at_s1 = h["stats"][0], h["stats"][2]
+        at_wt = activation_stats(snapshots[t], x, ("affine", "block"))
+        at_wt1 = activation_stats(snapshots[t + 1], x, ("affine", "block"))
+        assert list(at_s0) == list(at_wt) == list(act.history[t][1])
+        for name in at_wt:
+            for field in ("mean", "std", "absmax"):
+                assert torch.equal(getattr(at_s0[name], field), getattr(at_wt[name], field))
+                assert torch.equal(getattr(at_s1[name], field), getattr(at_wt1[name], field))
+                # ... and s = 0 is the training forward pass itself
+                assert torch.allclose(getattr(at_s0[name], field), getattr(act.history[t][1][name], field), rtol=1e-6, atol=1e-7)
+        with torch.no_grad():
+            l0 = float(F.cross_entropy(copy.deepcopy(snapshots[t])(x), y))
+            l1 = float(F.cross_entropy(copy.deepcopy(snapshots[t + 1])(x), y))
+        assert float(h["loss"][0]) == pytest.approx(l0, rel=1e-6) and records[t]["loss"] == pytest.approx(l0, rel=1e-6)
+        assert float(h["loss"][2]) == pytest.approx(l1, rel=1e-6)
+        assert records[t]["interp/rel_loss"] == pytest.approx(l1 / l0, rel=1e-6)
+        assert records[t]["interp/s0.5/loss"] == pytest.approx(float(h["loss"][1]))
+        assert "interp/s1/classifier/absmax" in records[t]
+
+
+# ----------------------------------------------------------------------------- never changes training
+def _run(probes, norm="bn", steps=6):
+    tr = _data(n=64)
+    net = models.make("preresnet", norm=norm, in_shape=(1, 8, 8), num_classes=4, depth=8, width=4, seed=0)
+    opt = make_optimizer(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    h = train(net, tr, opt, steps=steps, batch_size=16, probes=probes, device="cpu", seed=0, eval_every=3)
+    return net, opt, h
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_training_is_bit_identical_with_and_without_the_probes(norm):
+    ref_net, ref_opt, ref_h = _run([], norm)
+    rng_before = torch.get_rng_state()
+    probes = [ActivationStats(every=1, per_channel=True), OutputGradients(every=2), UpdateInterpolation(every=1, s=5)]
+    net, opt, h = _run(probes, norm)
+    for (k, a), (_, b) in zip(ref_net.state_dict().items(), net.state_dict().items()):
+        assert torch.equal(a, b), k  # weights and BN running statistics, bit for bit
+    for p, q in zip(ref_net.parameters(), net.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    for sa, sb in zip(ref_opt.state.values(), opt.state.values()):
+        assert torch.equal(sa["momentum_buffer"], sb["momentum_buffer"])
+    assert [r["loss"] for r in ref_h.records] == [r["loss"] for r in h.records]
+    assert [e["test_acc"] if "test_acc" in e else e["train_acc"] for e in ref_h.evals] == [e["test_acc"] if "test_acc" in e else e["train_acc"] for e in h.evals]
+    assert len(probes[0].history) == 6 and len(probes[1].history) == 3 and len(probes[2].history) == 6
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+def test_each_probe_restores_state_by_itself_without_the_monitor_guard():
+    """Call the events directly: buffers, .grad, RNG and the parameters must be exactly as before."""
+    tr = _data(n=16)
+    x, y = tr.x, tr.y
+    net = models.make("preresnet", norm="bn", in_shape=(1, 8, 8), num_classes=4, depth=8, width=4, seed=0)
+    opt = make_optimizer(net.parameters(), lr=0.1)
+    net.train()
+    F.cross_entropy(net(x), y).backward()
+    snap = lambda: ([t.clone() for t in net.state_dict().values()], [p.grad.clone() for p in net.parameters()], torch.get_rng_state())
+    state0 = snap()
+    for probe in (OutputGradients(), UpdateInterpolation(s=3), ActivationStats()):
+        ctx = StepContext(step=0, model=net, optimizer=opt, batch=(x, y), loss_fn=F.cross_entropy)
+        probe.before_step(ctx)
+        probe.after_backward(ctx)
+        probe.after_step(ctx)
+        now = snap()
+        assert all(torch.equal(a, b) for a, b in zip(state0[0], now[0]))
+        assert all(torch.equal(a, b) for a, b in zip(state0[1], now[1]))
+        assert torch.equal(state0[2], now[2])
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
