@@ -221,6 +221,7 @@ def run_experiment(
 from . import large_lr as _large_lr  # noqa: E402,F401  (registers)
 from . import auto_rate as _auto_rate  # noqa: E402,F401  (registers)
 from . import exp_lr as _exp_lr  # noqa: E402,F401
+from . import divergence as _divergence  # noqa: E402,F401  (registers)
 from . import activations as _activations  # noqa: E402,F401  (registers)
 from . import landscape as _landscape  # noqa: E402,F401  (registers)
 from . import ics as _ics  # noqa: E402,F401  (registers)

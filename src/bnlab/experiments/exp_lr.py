@@ -84,7 +84,6 @@ B), ``acc_width`` (part B), ``lr``, ``momentum``, ``weight_decay``, ``decay_at``
 
 from __future__ import annotations
 
-import io
 import math
 import time
 from dataclasses import dataclass, field
@@ -97,7 +96,6 @@ from torch import nn
 
 from .. import data as data_mod
 from .. import models
-from .._io import atomic_write_bytes
 from ..errors import UserError
 from ..plotting import STYLE, save, smooth
 from ..runs import RunDir
@@ -570,17 +568,6 @@ def _fmt(x) -> str:
     return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
 
 
-def _write_npz(run: RunDir, arrays: dict) -> None:
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    atomic_write_bytes(run.path / _SERIES, buf.getvalue())
-
-
-def _load_npz(run: RunDir) -> dict:
-    with np.load(run.path / _SERIES, allow_pickle=False) as f:
-        return {k: f[k] for k in f.files}
-
-
 # ----------------------------------------------------------------------------- the experiment
 
 
@@ -774,7 +761,7 @@ class ExpLRExperiment(Experiment):
         timing["C_overflow"] = round(time.perf_counter() - t0, 2)
         summary["overflow"] = ovf
         summary["seconds"] = timing
-        _write_npz(run, series)
+        run.save_arrays(_SERIES, **series)
         log({"event": "done", "seconds": timing})
 
         return Result(summary=summary, verdicts=self._verdicts(cfg, summary))
@@ -899,7 +886,7 @@ class ExpLRExperiment(Experiment):
     # ------------------------------------------------------------------ figures
     def figures(self, run: RunDir):
         cfg = run.read_json("config.json")["config"]
-        S = _load_npz(run)
+        S = run.load_arrays(_SERIES)
         recs = run.metrics()
         return [
             _fig_learning_curves(cfg, S, recs, run.figure_path("learning_curves.png")),

@@ -1,0 +1,269 @@
+"""bnlab.sweep: vectorized grid = separate torch.optim.SGD runs; divergence masking; fallback;
+executors; run dirs; relative loss of one step against a brute-force loop."""
+
+import copy
+import json
+import math
+import warnings
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnlab import data, models
+from bnlab.errors import UserError
+from bnlab.sweep import LocalExecutor, ProcessExecutor, SweepResult, relative_loss, relative_loss_of, sgd_step, sweep
+from bnlab.train import train
+
+STEPS, BATCH = 15, 32  # 256 examples / 32 = 8 steps per epoch: the run crosses an epoch boundary
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny nets: one intra-op thread is faster, and much faster on a shared, loaded machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def sets():
+    tr = data.load("synthetic", split="train", n=256, in_shape=(1, 8, 8), seed=1)
+    te = data.load("synthetic", split="test", n=256, in_shape=(1, 8, 8), seed=1)
+    return tr, te
+
+
+def _net_fn(norm: str, width: int = 4, model: str = "convnet"):
+    return partial(models.make, model, norm=norm, in_shape=(1, 8, 8), num_classes=10, width=width)
+
+
+def _reference(norm, tr, te, lr, seed, *, momentum, weight_decay, data_seed, steps=STEPS, model="convnet"):
+    """One separate run: bnlab.train.train with torch.optim.SGD."""
+    net = _net_fn(norm, width=4 if model == "convnet" else 16, model=model)(seed=seed)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    h = train(net, tr, opt, steps=steps, batch_size=BATCH, eval_data=te, eval_every=10**9, device="cpu", seed=data_seed)
+    return h, net
+
+
+@pytest.mark.parametrize("model,norm", [("convnet", "bn"), ("convnet", "none"), ("mlp", "bn")])
+def test_sweep_equals_separate_sgd_runs(sets, model, norm):
+    tr, te = sets
+    lrs, seeds = [0.02, 0.2], [0, 1]
+    res = sweep(_net_fn(norm, width=4 if model == "convnet" else 16, model=model), tr, lrs=lrs, seeds=seeds, steps=STEPS, batch_size=BATCH, momentum=0.9, weight_decay=5e-3,
+                data_seed=3, eval_data=te, device="cpu", vectorize=True, keep_states=True)
+    assert res.vectorized and len(res) == 4 and res.losses.shape == (4, STEPS)
+    assert res.lrs == [0.02, 0.02, 0.2, 0.2] and res.seeds == [0, 1, 0, 1]
+    for i, (lr, seed) in enumerate(zip(res.lrs, res.seeds)):
+        h, net = _reference(norm, tr, te, lr, seed, momentum=0.9, weight_decay=5e-3, data_seed=3, model=model)
+        assert not h.diverged and not res.diverged[i]
+        ref_losses = torch.tensor([r["loss"] for r in h.records], dtype=torch.float64)
+        torch.testing.assert_close(res.losses[i], ref_losses, rtol=1e-5, atol=1e-5)
+        # final weights and BN running statistics (what evaluation uses)
+        for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+            torch.testing.assert_close(res.states[i][name], t.detach(), rtol=1e-5, atol=1e-5, msg=name)
+        final = res.final[i]
+        for key in ("train_loss", "test_loss"):
+            assert final[key] == pytest.approx(h.final[key], rel=1e-5, abs=1e-5)
+        for key in ("train_acc", "test_acc"):
+            assert abs(final[key] - h.final[key]) <= 1.5 / 256  # at most one near-tie flips
+    if norm == "bn":  # running statistics moved away from their initial values
+        assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in res.states[0].items() if k.endswith("running_mean"))
+        assert all(int(v) == STEPS for k, v in res.states[0].items() if k.endswith("num_batches_tracked"))
+
+
+def test_grid_helpers_and_history(sets):
+    tr, _ = sets
+    res = sweep(_net_fn("bn"), tr, lrs=[0.01, 0.1, 0.3], seeds=[0, 5], steps=4, batch_size=BATCH, device="cpu")
+    assert res.grid(res.metric("train_acc")).shape == (3, 2)
+    assert res.grid(torch.tensor(res.lrs, dtype=torch.float64))[:, 0].tolist() == [0.01, 0.1, 0.3]
+    assert res.grid(torch.tensor(res.seeds))[0].tolist() == [0, 5]
+    assert res.grid(res.losses).shape == (3, 2, 4)
+    h = res.history(3)
+    assert [r["step"] for r in h.records] == [0, 1, 2, 3] and h.records[0]["lr"] == 0.1
+    assert h.summary()["steps"] == 4 and res.member_steps_per_second > 0
+
+
+def test_diverging_member_is_masked_and_does_not_touch_the_others(sets):
+    tr, te = sets
+    kw = dict(seeds=[0], steps=STEPS, batch_size=BATCH, momentum=0.9, data_seed=1, eval_data=te, device="cpu", vectorize=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NaN/overflow warnings from the masked member
+        res = sweep(_net_fn("none"), tr, lrs=[0.05, 1e6, 0.1], **kw)
+    base = sweep(_net_fn("none"), tr, lrs=[0.05, 0.1], **kw)
+    assert res.diverged.tolist() == [False, True, False]
+    t = res.diverged_at[1]
+    assert t is not None and t < STEPS and "non-finite" in res.reasons[1]
+    assert torch.isnan(res.losses[1, t + 1:]).all() and torch.isfinite(res.losses[1, :t]).all()
+    assert math.isnan(res.final[1]["train_loss"])
+    # the survivors: the same numbers as a sweep without the diverging member
+    torch.testing.assert_close(res.losses[[0, 2]], base.losses, rtol=1e-6, atol=1e-7)
+    for a, b in zip([res.final[0], res.final[2]], base.final):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+    # and the divergence is recorded as the separate run records it
+    h, _ = _reference("none", tr, te, 1e6, 0, momentum=0.9, weight_decay=0.0, data_seed=1)
+    assert h.diverged and h.diverged_at == t and h.reason == res.reasons[1] and h.steps == res.steps_taken[1]
+
+
+def test_every_member_diverging_stops_cleanly(sets):
+    tr, _ = sets
+    res = sweep(_net_fn("none"), tr, lrs=[1e6, 1e7], steps=20, batch_size=BATCH, device="cpu", vectorize=True)
+    assert res.diverged.all() and all(t is not None and t < 20 for t in res.diverged_at)
+
+
+class _Branchy(nn.Module):
+    """A convnet whose forward branches on a tensor value: vmap cannot trace it."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        self.net = models.make("convnet", norm="bn", in_shape=(1, 8, 8), num_classes=10, width=4, seed=seed)
+
+    def forward(self, x):
+        out = self.net(x)
+        return out if out.abs().sum() >= 0 else -out  # data-dependent control flow
+
+
+def _branchy(seed: int) -> nn.Module:
+    return _Branchy(seed)
+
+
+def test_fallback_loop_equals_vectorized_path(sets):
+    tr, te = sets
+    kw = dict(lrs=[0.03, 0.3], seeds=[2], steps=10, batch_size=BATCH, momentum=0.5, weight_decay=1e-3, eval_data=te,
+              eval_every=4, device="cpu", keep_states=True)
+    vec = sweep(_net_fn("bn"), tr, vectorize=True, **kw)
+    loop = sweep(_net_fn("bn"), tr, vectorize=False, **kw)
+    assert vec.vectorized and not loop.vectorized
+    torch.testing.assert_close(vec.losses, loop.losses, rtol=1e-5, atol=1e-5)
+    assert [[e["step"] for e in ev] for ev in vec.evals] == [[4, 8, 10]] * 2 == [[e["step"] for e in ev] for ev in loop.evals]
+    for a, b in zip(vec.evals, loop.evals):
+        for ea, eb in zip(a, b):
+            assert ea["test_loss"] == pytest.approx(eb["test_loss"], rel=1e-5)
+    for sa, sb in zip(vec.states, loop.states):
+        assert list(sa) == list(sb)
+        for k in sa:
+            torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-5)
+
+
+def test_auto_falls_back_when_vmap_cannot_trace_the_model(sets):
+    tr, _ = sets
+    kw = dict(lrs=[0.05, 0.1], steps=5, batch_size=BATCH, device="cpu")
+    auto = sweep(_branchy, tr, vectorize="auto", **kw)
+    assert not auto.vectorized and auto.fallback_reason
+    plain = sweep(_net_fn("bn"), tr, vectorize=False, seeds=[0], **kw)
+    torch.testing.assert_close(auto.losses, plain.losses, rtol=0, atol=0)  # the same nets, the same loop
+    with pytest.raises(RuntimeError):
+        sweep(_branchy, tr, vectorize=True, **kw)
+
+
+def test_run_dirs_one_per_cell(sets, tmp_path):
+    tr, te = sets
+    res = sweep(_net_fn("bn"), tr, lrs=[0.05, 1e6], seeds=[0], steps=6, batch_size=BATCH, eval_data=te, eval_every=3,
+                device="cpu", out=tmp_path, name="grid", config={"model": "convnet"})
+    assert len(res.run_dirs) == 2
+    for i, p in enumerate(res.run_dirs):
+        assert p.parent == tmp_path / "grid" and (p / "complete").exists()
+        cfg = json.loads((p / "config.json").read_text())["config"]
+        assert cfg["lr"] == res.lrs[i] and cfg["seed"] == 0 and cfg["model"] == "convnet" and cfg["momentum"] == 0.0
+        summary = json.loads((p / "summary.json").read_text())
+        assert summary["diverged"] == bool(res.diverged[i]) and summary["lr"] == res.lrs[i]
+        lines = [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in lines if r.get("event") != "eval"]
+        assert len(steps) == res.steps_taken[i] + (1 if res.diverged_at[i] == res.steps_taken[i] else 0)
+        assert [r["step"] for r in lines if r.get("event") == "eval"][-1] == res.steps_taken[i]
+
+
+def test_local_executor_groups_and_bad_inputs(sets):
+    tr, _ = sets
+    assert LocalExecutor().map(lambda v: v * 2, [1, 2]) == [2, 4]
+    for bad in (dict(lrs=[]), dict(lrs=[0.0]), dict(lrs=[float("nan")]), dict(lrs=[0.1], seeds=[1.5]), dict(lrs=[0.1], vectorize="yes"),
+                dict(lrs=[0.1], momentum=1.0), dict(lrs=[0.1], steps=None)):
+        kw = {"steps": 2, **bad}
+        with pytest.raises(UserError):
+            sweep(_net_fn("bn"), tr, **kw)
+    with pytest.raises(UserError, match="picklable"):
+        sweep(lambda seed: _net_fn("bn")(seed=seed), tr, lrs=[0.1], steps=1, executor=ProcessExecutor(2))
+
+
+@pytest.mark.slow
+def test_process_executor_gives_the_local_results(sets):
+    tr, te = sets
+    kw = dict(lrs=[0.05, 0.2], seeds=[0], steps=6, batch_size=BATCH, momentum=0.9, eval_data=te, device="cpu")
+    local = sweep(_net_fn("bn"), tr, vectorize=False, **kw)
+    procs = sweep(_net_fn("bn"), tr, vectorize=False, executor=ProcessExecutor(2, threads_per_worker=1), **kw)
+    assert torch.equal(local.losses, procs.losses) and local.final == procs.final
+    vec_procs = sweep(_net_fn("bn"), tr, vectorize=True, executor=ProcessExecutor(2, threads_per_worker=1), **kw)
+    assert vec_procs.vectorized
+    torch.testing.assert_close(vec_procs.losses, local.losses, rtol=1e-5, atol=1e-5)
+
+
+def test_sgd_step_equals_torch_sgd():
+    torch.manual_seed(0)
+    w0 = torch.randn(3, 5)
+    lrs = torch.tensor([[0.1], [0.01], [0.5]])
+    W, V = w0.clone(), None  # None: the first step starts the buffer, v_0 = d_0
+    refs = [torch.nn.Parameter(w0[i].clone()) for i in range(3)]
+    opts = [torch.optim.SGD([p], lr=float(lrs[i]), momentum=0.9, weight_decay=0.1) for i, p in enumerate(refs)]
+    for _ in range(4):
+        g = torch.randn(3, 5)
+        V = sgd_step(W, g, V, lr=lrs, momentum=0.9, weight_decay=0.1)
+        for i, (p, o) in enumerate(zip(refs, opts)):
+            p.grad = g[i].clone()
+            o.step()
+    torch.testing.assert_close(W, torch.stack([p.detach() for p in refs]), rtol=1e-6, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------ relative loss
+def _relative_loss_loop(model, batch, alphas):
+    """Brute force: a deepcopy in train mode, L(w - α g) / L(w) by in-place parameter moves."""
+    x, y = batch
+    net = copy.deepcopy(model).train()
+    loss0 = F.cross_entropy(net(x), y)
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss0, params)
+    out = []
+    for a in alphas:
+        moved = copy.deepcopy(net)
+        with torch.no_grad():
+            for p, g in zip([p for p in moved.parameters() if p.requires_grad], grads):
+                p -= a * g
+            out.append(float(F.cross_entropy(moved(x), y)) / float(loss0))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_relative_loss_equals_loop_and_leaves_the_model_unchanged(sets, norm):
+    tr, _ = sets
+    net = models.make("convnet", norm=norm, in_shape=(1, 8, 8), num_classes=10, width=4, seed=0, freeze_last=True)
+    batch = (tr.x[:64], tr.y[:64])
+    F.cross_entropy(net(batch[0]), batch[1]).backward()  # BN stats move once, .grad is set
+    net.eval()
+    before = {k: v.clone() for k, v in list(net.state_dict().items())}
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    rng = torch.get_rng_state()
+    alphas = [1e-3, 1e-2, 0.1, 1.0, 10.0]
+    got = relative_loss(net, batch, F.cross_entropy, alphas)
+    ref = _relative_loss_loop(net, batch, alphas)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    loop = relative_loss(net, batch, F.cross_entropy, alphas, vectorize=False)
+    torch.testing.assert_close(got, loop, rtol=1e-6, atol=1e-7)
+    assert got.dtype == torch.float64 and got.shape == (5,)
+    assert not net.training and all(not m.training for m in net.modules())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(torch.equal(grads[n], p.grad) for n, p in net.named_parameters() if p.grad is not None)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_relative_loss_of_a_quadratic():
+    a = torch.tensor([1.0, 10.0], dtype=torch.float64)
+    f = lambda p: 0.5 * (a * p["w"] ** 2).sum()  # noqa: E731
+    w = torch.ones(2, dtype=torch.float64)
+    alphas = torch.tensor([0.0, 0.05, 0.1, 0.3])
+    got = relative_loss_of(f, {"w": w}, alphas)
+    expect = torch.stack([f({"w": w * (1 - s * a)}) for s in alphas.double()]) / f({"w": w})
+    torch.testing.assert_close(got, expect)
+    assert got[0] == 1.0 and got[-1] > 1.0  # a step past 2/λ_max increases the loss
+    with pytest.raises(UserError):
+        relative_loss_of(f, {"w": w}, [])
