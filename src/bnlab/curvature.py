@@ -434,8 +434,9 @@ def top_eigenvalues(
         return_eigenvectors: also return the Ritz vectors in ``info.eigenvectors``.
 
     Returns:
-        ``(eigenvalues, info)``: a float64 tensor of ``k`` values, largest first (fewer when the
-        space has fewer dimensions), and an :class:`EigenInfo` with ``info.n_hvp``.
+        ``(eigenvalues, info)``: a float64 tensor of ``k`` values, largest first (fewer when
+        ``max_iter`` or the dimension is below ``k``), and an :class:`EigenInfo` with
+        ``info.n_hvp``.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64))
@@ -762,12 +763,20 @@ def _cuda_devices(model: nn.Module) -> list[int]:
 
 @contextlib.contextmanager
 def model_state_preserved(model: nn.Module) -> Iterator[None]:
-    """Restore the RNG state (CPU and the model's CUDA devices) and every module's training
-    flag on exit.
+    """Context manager: restore the RNG state and every module's training flag on exit.
 
-    The ``model_*`` wrappers already leave parameters, buffers and ``.grad`` untouched by
-    construction (:func:`model_loss_closure`); this context covers what a user-supplied
-    ``loss_fn`` or a stochastic layer could still change.
+    The RNG states are the CPU generator's and those of the CUDA devices holding the model. The
+    ``model_*`` wrappers already leave parameters, buffers and ``.grad`` untouched by
+    construction (:func:`model_loss_closure`); this covers what a user-supplied ``loss_fn`` or
+    a stochastic layer (dropout draws from the global RNG) could still change.
+
+    Args:
+        model: the module whose flags (and devices) to guard.
+
+    Example:
+        >>> with model_state_preserved(model):
+        ...     f, params = model_loss_closure(model, batch, loss_fn)
+        ...     lam, _ = top_eigenvalues(f, params)
     """
     modes = [(m, m.training) for m in model.modules()]
     with torch.random.fork_rng(devices=_cuda_devices(model)):

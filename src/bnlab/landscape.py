@@ -33,7 +33,7 @@ CNN 4-8 ch, 8x8, batch 32          0.68 (2 ms)
 MLP 256-256, batch 128             1.04 (2 ms)   0.70 (2 ms)
 CNN 8-16 ch, 8x8, batch 64         0.92 (3 ms)
 CNN 16-32 ch, 8x8, batch 128       1.19 (8 ms)   1.10 (6 ms)
-the same + avgpool, linear(512)    1.44 (13 ms)  1.50 (5 ms)
+the same + avgpool, linear(512)    1.44 (13 ms)  1.36 (6 ms)
 CNN 16-32 ch, 16x16, batch 128     1.98 (53 ms)  1.99 (17 ms)
 CNN 32-64 ch, 16x16, batch 128     2.36 (98 ms)  2.35 (44 ms)
 =================================  ============  ==================
