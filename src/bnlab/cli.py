@@ -176,7 +176,8 @@ def _cmd_run(args, experiment: str | None = None) -> int:
 
     name = experiment or args.experiment
     run, reused = run_experiment(name, profile=args.profile, out=args.out, overrides=getattr(args, "overrides", None),
-                                 force=args.force, device=args.device, progress=not getattr(args, "quiet", False))
+                                 force=args.force, device=args.device, progress=not getattr(args, "quiet", False),
+                                 single_thread=args.threads is None)
     print(f"{name} ({args.profile}){' — reused a complete run with the same configuration' if reused else ''}:")
     _print_verdicts(run)
     figs = sorted((run.path / "figures").glob("*")) if (run.path / "figures").exists() else []
@@ -193,7 +194,7 @@ def _cmd_reproduce(args) -> int:
 
     t0 = time.perf_counter()
     report, rows = reproduce(profile=args.profile, only=args.only, out=args.out, force=args.force,
-                             device=args.device, progress=not args.quiet)
+                             device=args.device, progress=not args.quiet, single_thread=args.threads is None)
     print(format_table(rows))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("holds", "fails", "inconclusive")}
     print(f"\n{counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive "
@@ -236,9 +237,7 @@ def _cmd_report(args) -> int:
 
 
 def _set_threads(args) -> None:
-    threads = getattr(args, "threads", None)
-    if threads is None and args.command in ("run", "reproduce", "demo"):
-        threads = 1
+    threads = getattr(args, "threads", None)  # experiments default to one thread inside run_experiment
     if threads is not None:
         if threads < 1:
             print(f"bnlab: error: --threads must be >= 1, got {threads}", file=sys.stderr)

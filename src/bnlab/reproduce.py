@@ -34,6 +34,7 @@ def reproduce(
     force: bool = False,
     device: str = "auto",
     progress: bool = True,
+    single_thread: bool = True,
 ) -> tuple[Path, list[dict]]:
     """Run (or reuse) the selected experiments, then build ``<out>/report.html``.
 
@@ -55,7 +56,8 @@ def reproduce(
             if bar is not None:
                 bar.set_postfix_str(name)
             t0 = time.perf_counter()
-            run, reused = run_experiment(name, profile=profile, out=out, force=force, device=device, progress=progress)
+            run, reused = run_experiment(name, profile=profile, out=out, force=force, device=device, progress=progress,
+                                         single_thread=single_thread)
             seconds = time.perf_counter() - t0
             for v in run.read_json("verdicts.json"):
                 rows.append({**v, "experiment": name, "reused": reused, "seconds": seconds, "run": str(run.path)})

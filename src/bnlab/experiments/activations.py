@@ -244,17 +244,6 @@ class Activations(Experiment):
     def run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
         from ..train import resolve_device
 
-        threads = torch.get_num_threads()
-        if resolve_device(device).type == "cpu":
-            torch.set_num_threads(1)  # small tensors: intra-op threads only add overhead (and stall on a busy machine)
-        try:
-            return self._run(cfg, run, device=device, progress=progress)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
-        from ..train import resolve_device
-
         t_start = time.perf_counter()
         dev = resolve_device(device)
         tr = data_mod.load(cfg["data"], split="train", seed=cfg["seed"])

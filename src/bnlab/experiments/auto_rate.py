@@ -348,14 +348,6 @@ class AutoRate(Experiment):
     }
 
     # ------------------------------------------------------------------ run
-    def run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
-        threads = torch.get_num_threads()
-        if str(device).startswith("cpu"):
-            torch.set_num_threads(1)  # small tensors: intra-op threads only add overhead
-        try:
-            return self._run(cfg, run, device=device, progress=progress)
-        finally:
-            torch.set_num_threads(threads)
 
     @staticmethod
     def _make(cfg: dict, tr, norm: str) -> torch.nn.Module:
@@ -371,7 +363,7 @@ class AutoRate(Experiment):
                    for g in found]
         return [g.param_name for g in found if g.per_channel], listing
 
-    def _run(self, cfg: dict, run: RunDir, *, device: str, progress: bool) -> Result:
+    def run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
         t_start = time.perf_counter()
         tr, te = data_mod.load_pair(cfg["data"], seed=cfg["seed"])
         recs: list[dict] = []  # everything written, kept for the verdicts (the metrics stream is buffered)

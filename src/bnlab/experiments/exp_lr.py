@@ -629,15 +629,6 @@ class ExpLRExperiment(Experiment):
 
     # ------------------------------------------------------------------ run
     def run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
-        threads = torch.get_num_threads()
-        if str(device).startswith("cpu"):
-            torch.set_num_threads(1)  # small tensors: intra-op threads only add overhead
-        try:
-            return self._run(cfg, run, device=device, progress=progress)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _run(self, cfg: dict, run: RunDir, *, device: str, progress: bool) -> Result:
         dev = resolve_device(device)
         lr, wd, mom = float(cfg["lr"]), float(cfg["weight_decay"]), float(cfg["momentum"])
         alpha = wd_equivalent_alpha(lr=lr, weight_decay=wd, momentum=mom)  # validates the hyperparameters
