@@ -118,7 +118,12 @@ def _cmd_train(args) -> int:
     from .train import make_optimizer, resolve_device, train
 
     # Validate everything before anything is written.
+    from .errors import check_run_name, check_seed
+
     check_positive("learning rate", args.lr)
+    check_seed(args.seed)
+    if args.name is not None:
+        check_run_name(args.name)
     if not math.isfinite(args.epochs) or args.epochs < 0:
         raise UserError(f"epochs must be >= 0, got {args.epochs!r}")
     if args.steps is not None:

@@ -29,7 +29,7 @@ import torch
 
 from ._io import atomic_write_bytes
 from ._paths import cache_dir
-from .errors import UserError, check_positive, unknown_name
+from .errors import UserError, check_positive, check_seed, unknown_name
 
 SPLITS = ("train", "test")
 
@@ -147,6 +147,7 @@ def load(name: str, *, split: str = "train", root=None, seed: int = 0, **options
         raise unknown_name("dataset", name, DATASETS)
     if split not in SPLITS:
         raise unknown_name("split", split, SPLITS)
+    check_seed(seed)
     try:
         return DATASETS[name](split=split, root=root, seed=seed, **options)
     except TypeError as e:  # an option the loader does not take

@@ -18,8 +18,22 @@ def unknown_name(kind: str, name: str, accepted) -> UserError:
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
-    """Raise :class:`UserError` unless ``value`` is > 0 (or >= 0 with ``allow_zero``)."""
-    ok = value >= 0 if allow_zero else value > 0
+    """Raise :class:`UserError` unless ``value`` is finite and > 0 (or >= 0 with ``allow_zero``)."""
+    import math
+
+    ok = math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise UserError(f"{name} must be {bound}, got {value!r}")
+        raise UserError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_seed(seed) -> None:
+    """Seeds are integers in [0, 2**32 - 1] (what numpy and scikit-learn accept)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise UserError(f"seed must be an integer in [0, 2**32 - 1], got {seed!r}")
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one path component: no '/', no '\\', not '.' or '..', not empty."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(f"run name must be a single directory name (no '/', '\\' or '..'), got {name!r}")

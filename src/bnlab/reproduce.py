@@ -18,9 +18,11 @@ from .report import build
 
 def select(only: str | list[str] | None) -> list[str]:
     """Experiment names to run: all registered ones, or those named in ``only`` (comma-separated)."""
-    if not only:
+    if only is None:
         return sorted(EXPERIMENTS)
     names = [n.strip() for n in (only.split(",") if isinstance(only, str) else only) if n.strip()]
+    if not names:
+        raise UserError(f"--only names no experiment; accepted: {', '.join(sorted(EXPERIMENTS))}")
     for n in names:
         get_experiment(n)  # raises a UserError listing the accepted names
     return names

@@ -96,7 +96,7 @@ def test_batches_cover_each_example_once_and_are_deterministic():
     (dict(name="imagenet"), "unknown dataset 'imagenet'; accepted: cifar10, digits, mnist1d, synthetic"),
     (dict(name="digits", split="val"), "unknown split 'val'; accepted: test, train"),
     (dict(name="digits", bogus=1), "unexpected keyword"),
-    (dict(name="synthetic", n=0), "synthetic n must be > 0"),
+    (dict(name="synthetic", n=0), "synthetic n must be a finite number > 0"),
 ])
 def test_bad_input_is_a_user_error(kwargs, match):
     name = kwargs.pop("name")

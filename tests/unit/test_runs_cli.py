@@ -53,10 +53,18 @@ def test_cli_train_writes_a_complete_run(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--lr", "0"], "bnlab: error: learning rate must be > 0, got 0.0"),
-    (["train", "--lr", "-3"], "bnlab: error: learning rate must be > 0, got -3.0"),
-    (["train", "--batch-size", "0"], "bnlab: error: batch size must be > 0, got 0"),
+    (["train", "--lr", "0"], "bnlab: error: learning rate must be a finite number > 0, got 0.0"),
+    (["train", "--lr", "-3"], "bnlab: error: learning rate must be a finite number > 0, got -3.0"),
+    (["train", "--batch-size", "0"], "bnlab: error: batch size must be a finite number > 0, got 0"),
     (["train", "--epochs", "-1"], "bnlab: error: epochs must be >= 0, got -1.0"),
+    (["train", "--lr", "inf"], "bnlab: error: learning rate must be a finite number > 0, got inf"),
+    (["train", "--seed", "-1"], "bnlab: error: seed must be an integer in [0, 2**32 - 1], got -1"),
+    (["train", "--name", "../../escape"], "bnlab: error: run name must be a single directory name"),
+    (["run", "large-lr", "--profile", "tiny", "--set", "seed=-1"], "bnlab: error: seed must be an integer in [0, 2**32 - 1], got -1"),
+    (["run", "large-lr", "--profile", "tiny", "--set", "norms=['xx']"], "bnlab: error: unknown norm 'xx'; accepted: "),
+    (["run", "large-lr", "--profile", "tiny", "--set", "epochs=-1"], "bnlab: error: epochs must be a finite number >= 0, got -1.0"),
+    (["reproduce", "--only", "", "--profile", "tiny"], "bnlab: error: --only names no experiment; accepted: "),
+    (["reproduce", "--only", ",", "--profile", "tiny"], "bnlab: error: --only names no experiment; accepted: "),
     (["train", "--data", "imagenet"], "bnlab: error: unknown dataset 'imagenet'; accepted: cifar10, digits, mnist1d, synthetic"),
     (["train", "--model", "resnet"], "bnlab: error: unknown model 'resnet'; accepted: convnet, mlp, preresnet, vgg"),
     (["train", "--norm", "wn"], "bnlab: error: unknown norm 'wn'; accepted: bn, bn-noisy, gn, ln, none"),

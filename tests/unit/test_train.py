@@ -154,11 +154,11 @@ def test_bad_training_arguments():
     from bnlab.errors import UserError
 
     tr, net, opt = _setup()
-    with pytest.raises(UserError, match="batch size must be > 0"):
+    with pytest.raises(UserError, match="batch size must be a finite number > 0"):
         train(net, tr, opt, steps=1, batch_size=0)
-    with pytest.raises(UserError, match="epochs must be >= 0"):
+    with pytest.raises(UserError, match="epochs must be a finite number >= 0"):
         train(net, tr, opt, epochs=-1)
-    with pytest.raises(UserError, match="learning rate must be > 0"):
+    with pytest.raises(UserError, match="learning rate must be a finite number > 0"):
         make_optimizer(net.parameters(), lr=-1)
     with pytest.raises(UserError, match="momentum must be in"):
         make_optimizer(net.parameters(), lr=0.1, momentum=1.5)

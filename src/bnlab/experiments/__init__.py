@@ -198,6 +198,12 @@ def run_experiment(
         prev = RunDir.find_complete(out, name, cfg)
         if prev is not None:
             return prev, True
+    if isinstance(cfg.get("seed"), int):
+        from ..errors import check_seed
+
+        check_seed(cfg["seed"])
+    # what this call creates, so that a failure leaves nothing behind
+    created = [p for p in (Path(out), Path(out) / name) if not p.exists()]
     run = RunDir.create(out, name, cfg, env=env_info(device=dev, seed=cfg.get("seed")))
     run.write_json("experiment.json", {
         "name": exp.name, "title": exp.title, "source": exp.source, "description": exp.description,
@@ -212,9 +218,14 @@ def run_experiment(
         result = exp.run(cfg, run, device=str(dev), progress=progress)
         run._close_metrics()
         exp.figures(run)
-    except UserError:
+    except BaseException:  # a user error, a crash or Ctrl-C: an unfinished run is never kept
         run._close_metrics()
         shutil.rmtree(run.path, ignore_errors=True)
+        for p in reversed(created):
+            try:
+                p.rmdir()  # only if empty
+            except OSError:
+                pass
         raise
     finally:
         torch.set_num_threads(threads)
