@@ -86,7 +86,7 @@ def test_kaiming_initialization_scale():
     net = make("mlp", norm="none", in_shape=(1, 32, 32), num_classes=10, width=512, depth=2, seed=0)
     w = net.features[1].weight.detach()
     assert abs(float(w.std()) - math.sqrt(2 / 1024)) < 0.05 * math.sqrt(2 / 1024)
-    assert float(net.features[1].bias.abs().max()) == 0.0
+    assert float(net.features[1].bias.detach().abs().max()) == 0.0
 
 
 def test_seed_gives_same_init_and_leaves_global_rng_alone():
