@@ -106,7 +106,7 @@ from torch.func import functional_call, vmap
 
 from .data import ArrayData
 from .errors import UserError, check_positive
-from .train import History, make_optimizer, resolve_device, train
+from .train import History, make_optimizer, resolve_device, resolve_steps, train
 
 __all__ = [
     "Executor",
@@ -880,13 +880,7 @@ def sweep(
         raise UserError(f"sweep: vectorize must be True, False or 'auto', got {vectorize!r}")
     if eval_every is not None:
         check_positive("eval_every", eval_every)
-    n_per_epoch = 1 if full_batch else data.steps_per_epoch(batch_size, drop_last)
-    if steps is None:
-        if epochs is None:
-            raise UserError("give the number of epochs or steps")
-        check_positive("epochs", epochs, allow_zero=True)
-        steps = int(math.ceil(epochs * n_per_epoch))
-    check_positive("steps", steps, allow_zero=True)
+    steps, n_per_epoch = resolve_steps(data, epochs=epochs, steps=steps, batch_size=batch_size, full_batch=full_batch, drop_last=drop_last)
     executor = executor if executor is not None else LocalExecutor()
     if not hasattr(executor, "map"):
         raise UserError(f"sweep: executor must have a .map(fn, items) method, got {executor!r}")

@@ -113,6 +113,18 @@ def _all_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
+def resolve_steps(data: ArrayData, *, epochs, steps, batch_size: int, full_batch: bool = False, drop_last: bool = False) -> tuple[int, int]:
+    """``(steps, steps_per_epoch)``: ``steps`` if given, else ``ceil(epochs * steps_per_epoch)``, validated."""
+    n_per_epoch = 1 if full_batch else data.steps_per_epoch(batch_size, drop_last)
+    if steps is None:
+        if epochs is None:
+            raise UserError("give the number of epochs or steps")
+        check_positive("epochs", epochs, allow_zero=True)
+        steps = int(math.ceil(epochs * n_per_epoch))
+    check_positive("steps", steps, allow_zero=True)
+    return steps, n_per_epoch
+
+
 def train(
     model: torch.nn.Module,
     data: ArrayData,
@@ -161,13 +173,7 @@ def train(
         weight marks the run diverged at that step and stops it; it never raises.
     """
     check_positive("batch size", batch_size)
-    n_per_epoch = 1 if full_batch else data.steps_per_epoch(batch_size, drop_last)
-    if steps is None:
-        if epochs is None:
-            raise UserError("give the number of epochs or steps")
-        check_positive("epochs", epochs, allow_zero=True)
-        steps = int(math.ceil(epochs * n_per_epoch))
-    check_positive("steps", steps, allow_zero=True)
+    steps, n_per_epoch = resolve_steps(data, epochs=epochs, steps=steps, batch_size=batch_size, full_batch=full_batch, drop_last=drop_last)
     dev = resolve_device(device)
     model.to(dev)
     data = data.to(dev)
