@@ -880,7 +880,7 @@ def sweep(
         raise UserError(f"sweep: vectorize must be True, False or 'auto', got {vectorize!r}")
     if eval_every is not None:
         check_positive("eval_every", eval_every)
-    steps, n_per_epoch = resolve_steps(data, epochs=epochs, steps=steps, batch_size=batch_size, full_batch=full_batch, drop_last=drop_last)
+    steps, _ = resolve_steps(data, epochs=epochs, steps=steps, batch_size=batch_size, full_batch=full_batch, drop_last=drop_last)
     executor = executor if executor is not None else LocalExecutor()
     if not hasattr(executor, "map"):
         raise UserError(f"sweep: executor must have a .map(fn, items) method, got {executor!r}")
