@@ -48,7 +48,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import UserError
-from .schedules import wd_equivalent_alpha, wd_equivalent_lr
+from .schedules import _check_hparams, wd_equivalent_alpha, wd_equivalent_lr
 
 __all__ = [
     "ToyLoss",
@@ -178,12 +178,7 @@ def _check_run_args(w0, steps, lr, weight_decay, momentum) -> np.ndarray:
         raise UserError(f"w0 must be a finite nonzero point of R^2, got {w0.tolist()}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise UserError(f"steps must be an integer >= 1, got {steps!r}")
-    if not lr > 0:
-        raise UserError(f"lr must be > 0, got {lr!r}")
-    if not weight_decay >= 0:
-        raise UserError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if not 0 <= momentum < 1:
-        raise UserError(f"momentum must be in [0, 1), got {momentum!r}")
+    _check_hparams(lr, weight_decay, momentum)
     return w0
 
 

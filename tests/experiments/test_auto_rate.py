@@ -22,22 +22,9 @@ from bnlab.experiments.auto_rate import (
 from bnlab.train import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run, _ = run_experiment("auto-rate", profile="tiny", out=tmp_path_factory.mktemp("auto-rate"), device="cpu", progress=False)
-    finally:
-        torch.set_num_threads(n)
+    run, _ = run_experiment("auto-rate", profile="tiny", out=tmp_path_factory.mktemp("auto-rate"), device="cpu", progress=False)
     return run, run.read_json("config.json")["config"], run.metrics()
 
 

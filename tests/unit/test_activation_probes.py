@@ -28,14 +28,6 @@ from bnlab.probes.base import StepContext
 from bnlab.train import make_optimizer, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _data(n=48, shape=(1, 8, 8), k=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return ArrayData(torch.randn(n, *shape, generator=g), torch.randint(0, k, (n,), generator=g), k)

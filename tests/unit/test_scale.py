@@ -43,15 +43,6 @@ def randomize_affine(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and 100x under a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pool(h: torch.Tensor) -> torch.Tensor:
     return h.mean(dim=(2, 3))
 

@@ -19,15 +19,6 @@ QUANTITIES_BACKWARD = ("weight_norm", "grad_norm", "effective_lr", "cos_wg", "no
 QUANTITIES_STEP = ("angular_update", "norm_identity_rel_residual")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and 100x under a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class Net(nn.Module):
     """conv1 -> bn1 -> ReLU -> conv2 -> bn2 -> ReLU -> pool -> dropout -> fc.
 

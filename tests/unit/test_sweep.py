@@ -20,15 +20,6 @@ from bnlab.train import train
 STEPS, BATCH = 15, 32  # 256 examples / 32 = 8 steps per epoch: the run crosses an epoch boundary
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny nets: one intra-op thread is faster, and much faster on a shared, loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def sets():
     tr = data.load("synthetic", split="train", n=256, in_shape=(1, 8, 8), seed=1)
