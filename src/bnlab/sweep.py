@@ -38,15 +38,23 @@ How the vectorized path works (``vectorize=True``/``"auto"``):
   *unbatched* buffer receiving a batched statistic (``functional_call`` with the module's own
   buffers, or a buffer captured from outside the transform); this module never creates that
   case, and it differentiates with one outer reverse pass rather than ``vmap(grad(...))``, so
-  no buffer is mutated inside a ``grad`` transform either. The private template's plain
-  ``BatchNorm{1,2,3}d`` layers go through :class:`_StackedBatchNorm`, a custom ``vmap`` rule
-  that folds the members into the channels, ``(N, M, C, *) -> (N, M·C, *)``, and runs the fused
-  kernel once with the flattened ``γ, β`` and running statistics (views of the stacked buffers);
-  vmap's generic rule would apply ``γ, β`` as separate passes (10-15 % slower). Normalization
+  no buffer is mutated inside a ``grad`` transform either. Normalization
   uses the batch statistics, as in training; evaluation (``model.eval()`` semantics) uses the
   stacked running statistics. BN with ``momentum=None`` (cumulative average) reads
   ``num_batches_tracked`` as a Python number, which ``vmap`` cannot do: ``"auto"`` then falls
   back to the loop.
+* **Layer rules.** The private template's plain layers run through custom ``vmap`` rules
+  (:class:`_MemberRule`) that fold the members into the channel dimension,
+  ``(N, M, C, *) -> (N, M·C, *)``, and call one kernel: ``Conv1d``/``Conv2d`` as one grouped
+  convolution (``M·groups`` groups; a shared input feeds all ``M·C_out`` filters at once),
+  ``BatchNorm{1,2,3}d`` in train mode as one fused BatchNorm over ``M·C`` channels with the
+  flattened ``γ, β`` and running statistics (views of the stacked buffers, updated in place;
+  vmap's generic rule would apply ``γ, β`` as separate passes), and max/average pooling as one
+  call. 2-D maps are kept **channels-last** (``N, H, W, M·C`` in memory): on the CPU, grouped
+  convolutions with a few channels per group are 2.5-4x faster forward+backward in that layout,
+  max pooling ~15x, BatchNorm 1.5-12x (batch 128, 8x8 to 2x2 maps, one thread), and the
+  ``(N, M, C, *)`` view every rule returns is then free, with no layout copies between layers.
+  Other layers use vmap's own rules.
 * **Divergence.** Member ``i`` diverges at step ``t`` when its loss at ``t`` is not finite (no
   update is applied, as in ``train``) or when its weights after the update at ``t`` are not
   finite. Its state at that moment is kept aside for the final evaluation and its row is
@@ -62,12 +70,12 @@ parameter shapes differ between seeds): each member is trained by ``bnlab.train.
 ``fallback_reason`` say which path ran.
 
 When vectorizing pays (benchmarks/sweep.py: digits convnet with BN, 16 learning rates, batch
-128, against 16 sequential ``train`` runs, on a shared 2-core CPU): ``vmap`` removes ``M - 1``
-copies of the per-operator overhead but does not make the arithmetic cheaper, so the gain is
-largest for small networks and shrinks as they grow: about 1.6-2.4x the member-steps per second
-at width 4, 1.5-2x at width 8 and 1.2-1.5x at width 16 with one torch thread (ranges over
-machine loads; with two threads 2-3x, but two threads are slower in absolute terms on a loaded
-machine). For large networks on a CPU, run cells in parallel with :class:`ProcessExecutor`.
+128, momentum 0.9, against 16 sequential ``train`` runs, this 2-core CPU, idle): ``vmap`` removes
+``M - 1`` copies of the per-operator overhead but does not make the arithmetic cheaper, so the
+gain is largest for small networks and shrinks as they grow: with one torch thread 3.1x the
+member-steps per second at width 4, 2.4x at width 8 and 1.9x at width 16; with two threads
+4.3x, 3.0x and 2.3x. For large networks on a CPU, run cells in parallel with
+:class:`ProcessExecutor`.
 
 Executors: the unit of work is a *group* of members. With the default :class:`LocalExecutor` the
 whole grid is one group (one vectorized loop); with :class:`ProcessExecutor` ``(n)`` the members are
@@ -88,6 +96,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import copy
+import functools
 import logging
 import math
 import multiprocessing
@@ -471,71 +480,151 @@ def _stack_models(models_: list[nn.Module]) -> tuple[list[tuple[str, torch.Size]
     return [(n, s) for n, s, _ in trainable], W, fixed
 
 
-class _StackedBatchNorm(torch.autograd.Function):
-    """Train-mode BatchNorm of ``M`` vmapped members as *one* BatchNorm over ``M·C`` channels.
+class _MemberRule(torch.autograd.Function):
+    """Run ``rule`` as the ``vmap`` rule of one layer call: ``_MemberRule.apply(rule, *args)``.
 
-    ``torch.func.vmap``'s own rule for ``batch_norm`` with per-member γ, β normalizes without the
-    affine part and then applies ``· γ + β`` as separate broadcast operations (two more passes
-    over the activations forward, three backward). This rule folds the member dimension into
-    the channels, ``(N, M, C, *) -> (N, M·C, *)``, and calls the fused kernel with the
-    flattened ``γ, β`` and running statistics (views of the stacked buffers, updated in place),
-    which is exactly per-member BatchNorm: 10-15 % faster steps for the benchmark convnet.
-    Used only inside :class:`_Vectorized`'s vmapped calls (its ``forward`` is never reached).
+    Under ``torch.func.vmap`` over the ``M`` stacked members, ``rule(M, in_dims, *args)`` receives
+    the physical (batched) tensors and their batch dimensions and returns ``(output, out_dim)``;
+    the operations it runs are recorded by autograd as usual, so the outer reverse pass
+    differentiates through them. Used only inside :class:`_Vectorized`'s vmapped calls (its
+    ``forward`` is never reached).
     """
 
     generate_vmap_rule = False
 
     @staticmethod
-    def forward(x, weight, bias, running_mean, running_var, momentum, eps):  # pragma: no cover
-        raise RuntimeError("bnlab.sweep: the stacked BatchNorm runs only under torch.func.vmap")
+    def forward(rule, *args):  # pragma: no cover
+        raise RuntimeError("bnlab.sweep: the stacked layer rules run only under torch.func.vmap")
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # pragma: no cover
         pass
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, bias, running_mean, running_var, momentum, eps):
-        m = info.batch_size
-        x = x.movedim(in_dims[0], 1) if in_dims[0] is not None else x.unsqueeze(1).expand(x.shape[0], m, *x.shape[1:])
-        n, c, rest = x.shape[0], x.shape[2], tuple(x.shape[3:])
+    def vmap(info, in_dims, rule, *args):
+        return rule(info.batch_size, in_dims[1:], *args)
 
-        def stacked(t: Optional[Tensor], d: Optional[int]) -> Optional[Tensor]:  # [m, C] (a view when batched)
-            if t is None:
-                return None
-            return t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(m, *t.shape)
 
-        w, b = stacked(weight, in_dims[1]), stacked(bias, in_dims[2])
-        rm, rv = stacked(running_mean, in_dims[3]), stacked(running_var, in_dims[4])
-        flat_stats = [None if t is None else t.reshape(m * c) for t in (rm, rv)]  # views of contiguous buffers
-        out = F.batch_norm(
-            x.reshape(n, m * c, *rest), flat_stats[0], flat_stats[1], None if w is None else w.reshape(m * c),
-            None if b is None else b.reshape(m * c), True, momentum, eps,
-        )
-        for t, f in zip((rm, rv), flat_stats):
-            if t is not None and f.data_ptr() != t.data_ptr():  # reshape copied: write the update back
-                t.copy_(f.view_as(t))
-        return out.view(n, m, c, *rest), 1
+def _members_in_channels(x: Tensor, d: Optional[int], m: int) -> Tensor:
+    """``(N, C, *)`` per member, batched at ``d`` -> ``(N, M·C, *)`` (a view when ``d == 1`` already)."""
+    x = x.movedim(d, 1) if d is not None else x.unsqueeze(1).expand(x.shape[0], m, *x.shape[1:])
+    return x.flatten(1, 2)
+
+
+def _per_member(t: Optional[Tensor], d: Optional[int], m: int) -> Optional[Tensor]:
+    """A per-member parameter ``[*shape]`` batched at ``d`` -> ``[M·shape[0], *shape[1:]]``."""
+    if t is None:
+        return None
+    t = t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(m, *t.shape)
+    return t.flatten(0, 1)
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """A 4-D tensor in channels-last strides (``(N, C, H, W)`` stored as ``N, H, W, C``); those of a
+    one-channel input count as contiguous too, so test the strides, as the kernels read them."""
+    if x.dim() != 4:
+        return x
+    _, c, h, w = x.shape
+    if x.stride() == (h * w * c, 1, w * c, c):
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+
+
+def _conv_rule(m, dims, x, weight, bias, conv, stride, padding, dilation, groups):
+    """Convolution of ``M`` members as one grouped convolution over ``M·C`` channels,
+    channels-last for 2-D maps (CPU kernels for grouped convolutions of a few channels per group
+    are several times faster in that layout, forward and backward)."""
+    dx, dw, db = dims[:3]
+    if dw is None and (bias is None or db is None):  # shared weights: members in the batch dim
+        if dx is None:
+            return conv(x, weight, bias, stride, padding, dilation, groups), None
+        out = conv(x.movedim(dx, 0).flatten(0, 1), weight, bias, stride, padding, dilation, groups)
+        return out.unflatten(0, (m, -1)), 0
+    if dx is None and groups == 1:  # a shared input feeds every member's filters
+        x_in, g = x, 1
+    else:
+        x_in, g = _members_in_channels(x, dx, m), groups * m
+    out = conv(_channels_last(x_in), _per_member(weight, dw, m), _per_member(bias, db, m), stride, padding, dilation, g)
+    return out.unflatten(1, (m, -1)), 1
+
+
+def _channelwise_rule(m, dims, x, fn):
+    """A per-channel operation (pooling) of ``M`` members as one call over ``M·C`` channels."""
+    if dims[0] is None:
+        return fn(x), None
+    return fn(_members_in_channels(x, dims[0], m)).unflatten(1, (m, -1)), 1
+
+
+def _batch_norm_rule(m, dims, x, weight, bias, running_mean, running_var, momentum, eps):
+    """Train-mode BatchNorm of ``M`` members as *one* BatchNorm over ``M·C`` channels.
+
+    ``torch.func.vmap``'s own rule for ``batch_norm`` with per-member γ, β normalizes without
+    the affine part and then applies ``· γ + β`` as separate broadcast operations (two more passes
+    over the activations forward, three backward). This folds the members into the channels,
+    ``(N, M, C, *) -> (N, M·C, *)``, and calls the fused kernel with the flattened ``γ, β`` and
+    running statistics (views of the stacked buffers, updated in place), which is exactly
+    per-member BatchNorm.
+    """
+    dx, dw, db, drm, drv = dims[:5]
+    x_in = _members_in_channels(x, dx, m)
+    stats = []
+    for t, d in ((running_mean, drm), (running_var, drv)):
+        stats.append(None if t is None else (t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(m, *t.shape)))
+    flat = [None if t is None else t.reshape(-1) for t in stats]  # views of contiguous buffers
+    out = F.batch_norm(x_in, flat[0], flat[1], _per_member(weight, dw, m), _per_member(bias, db, m), True, momentum, eps)
+    for t, f in zip(stats, flat):
+        if t is not None and f.data_ptr() != t.data_ptr():  # reshape copied: write the update back
+            t.copy_(f.view_as(t))
+    return out.unflatten(1, (m, -1)), 1
 
 
 def _stacked_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """``forward`` of the template's BatchNorm layers: train mode through :class:`_StackedBatchNorm`."""
+    """``forward`` of the template's BatchNorm layers: train mode through :func:`_batch_norm_rule`."""
     if not self.training:
         return type(self).forward(self, x)
     self._check_input_dim(x)
     if self.track_running_stats and self.num_batches_tracked is not None:
         self.num_batches_tracked.add_(1)
     track = self.track_running_stats
-    return _StackedBatchNorm.apply(
-        x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None, self.momentum or 0.0, self.eps
+    return _MemberRule.apply(
+        _batch_norm_rule, x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
+        self.momentum or 0.0, self.eps,
     )
 
 
-def _use_stacked_batch_norm(template: nn.Module) -> None:
-    """Route the template's plain ``BatchNorm{1,2,3}d`` layers (not subclasses; not ``momentum=None``,
-    whose cumulative average vmap cannot express) through :class:`_StackedBatchNorm`."""
+def _stacked_conv_forward(self: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """``forward`` of the template's ``Conv1d``/``Conv2d`` layers: :func:`_conv_rule`."""
+    if x.dim() != self.weight.dim():  # unbatched input: the module's own path
+        return type(self).forward(self, x)
+    conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
+    return _MemberRule.apply(_conv_rule, x, self.weight, self.bias, conv, self.stride, self.padding, self.dilation, self.groups)
+
+
+def _stacked_pool_forward(self: nn.Module, x: Tensor) -> Tensor:
+    """``forward`` of the template's pooling layers: :func:`_channelwise_rule`."""
+    if x.dim() != self._bnlab_dims:  # unbatched input: the module's own path
+        return type(self).forward(self, x)
+    return _MemberRule.apply(_channelwise_rule, x, functools.partial(type(self).forward, self))
+
+
+_POOLS = {nn.MaxPool1d: 3, nn.MaxPool2d: 4, nn.AvgPool1d: 3, nn.AvgPool2d: 4, nn.AdaptiveAvgPool1d: 3, nn.AdaptiveAvgPool2d: 4,
+          nn.AdaptiveMaxPool1d: 3, nn.AdaptiveMaxPool2d: 4}
+
+
+def _use_stacked_layers(template: nn.Module) -> None:
+    """Route the private template's plain layers (exact types, not subclasses) through the
+    member-folding ``vmap`` rules: ``BatchNorm{1,2,3}d`` (not ``momentum=None``, whose cumulative
+    average vmap cannot express), ``Conv{1,2}d`` with zero padding, and max/average pooling
+    without ``return_indices``. Every other layer keeps vmap's own rules."""
     for mod in template.modules():
-        if type(mod) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and mod.momentum is not None:
+        t = type(mod)
+        if t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and mod.momentum is not None:
             mod.forward = types.MethodType(_stacked_bn_forward, mod)
+        elif t in (nn.Conv1d, nn.Conv2d) and mod.padding_mode == "zeros":
+            mod.forward = types.MethodType(_stacked_conv_forward, mod)
+        elif t in _POOLS and not getattr(mod, "return_indices", False):
+            mod._bnlab_dims = _POOLS[t]
+            mod.forward = types.MethodType(_stacked_pool_forward, mod)
 
 
 class _Vectorized:
@@ -613,7 +702,7 @@ def _run_vectorized(group: _Group) -> list[_MemberOut]:
     models_ = [built[seed] for _, _, seed in group.members]
     shapes, W, fixed = _stack_models(models_)
     template = copy.deepcopy(models_[0]).to(dev).train()
-    _use_stacked_batch_norm(template)
+    _use_stacked_layers(template)
     vec = _Vectorized(template, shapes, s.loss_fn)
     data = group.data.to(dev)
     eval_data = group.eval_data.to(dev) if group.eval_data is not None else None

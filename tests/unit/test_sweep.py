@@ -258,3 +258,83 @@ def test_relative_loss_of_a_quadratic():
     assert got[0] == 1.0 and got[-1] > 1.0  # a step past 2/λ_max increases the loss
     with pytest.raises(UserError):
         relative_loss_of(f, {"w": w}, [])
+
+
+# ------------------------------------------------------------------ the member-folding vmap rules
+_LAYERS = {
+    "conv2d+bias": (lambda: nn.Conv2d(3, 6, 3, padding=1), (3, 6, 6)),
+    "conv2d stride/groups": (lambda: nn.Conv2d(4, 8, 3, stride=2, groups=2, bias=False), (4, 7, 7)),
+    "conv2d one channel": (lambda: nn.Conv2d(1, 5, 3, padding=1, bias=False), (1, 5, 5)),
+    "conv1d dilation": (lambda: nn.Conv1d(2, 4, 5, padding=4, dilation=2), (2, 11)),
+    "maxpool2d": (lambda: nn.MaxPool2d(2), (3, 6, 6)),
+    "avgpool2d": (lambda: nn.AvgPool2d(3, stride=2, padding=1), (3, 7, 7)),
+    "adaptive avg1d": (lambda: nn.AdaptiveAvgPool1d(1), (3, 9)),
+    "adaptive max2d": (lambda: nn.AdaptiveMaxPool2d(2), (3, 5, 5)),
+    "batchnorm2d": (lambda: nn.BatchNorm2d(3), (3, 4, 4)),
+    "batchnorm1d on (N, C)": (lambda: nn.BatchNorm1d(5), (5,)),
+    "batchnorm1d on (N, C, L)": (lambda: nn.BatchNorm1d(3, affine=False), (3, 7)),
+}
+
+
+_PARAMETER_FREE = {"maxpool2d", "avgpool2d", "adaptive avg1d", "adaptive max2d"}  # nothing batched with a shared input
+
+
+@pytest.mark.parametrize(
+    "layer,shared_input",
+    [(k, True) for k in _LAYERS if k not in _PARAMETER_FREE] + [(k, False) for k in _LAYERS],
+    ids=lambda v: ("shared x" if v else "x per member") if isinstance(v, bool) else v,
+)
+def test_stacked_layer_rules_equal_per_member_calls(layer, shared_input):
+    """The custom vmap rules (members folded into channels, channels-last maps) give each member's
+    own module output, input gradient, parameter gradients and BN running statistics."""
+    from torch.func import functional_call, vmap
+
+    from bnlab.sweep import _use_stacked_layers
+
+    make, shape = _LAYERS[layer]
+    M, N = 3, 6
+    gen = torch.Generator().manual_seed(0)
+    mods = []
+    for i in range(M):
+        torch.manual_seed(10 + i)
+        mod = make().double().train()
+        with torch.no_grad():
+            for p in mod.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        mods.append(mod)
+    x = torch.randn((N, *shape) if shared_input else (M, N, *shape), generator=gen, dtype=torch.float64)
+    names = [n for n, _ in mods[0].named_parameters()]
+    params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in mods]).requires_grad_() for n in names}
+    buffers = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in mods]).clone() for n, _ in mods[0].named_buffers()}
+    template = copy.deepcopy(mods[0])
+    _use_stacked_layers(template)
+    xs = x.clone().requires_grad_()
+    out = vmap(lambda st, xi: functional_call(template, st, (xi,)), in_dims=(0, None if shared_input else 0))({**params, **buffers}, xs)
+    weights = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    (out * weights).sum().backward()
+    xr = x.clone().requires_grad_()
+    for i, mod in enumerate(mods):
+        ref = mod(xr if shared_input else xr[i])
+        torch.testing.assert_close(out[i], ref, rtol=1e-12, atol=1e-12)
+        (ref * weights[i]).sum().backward()
+        for n, p in mod.named_parameters():
+            torch.testing.assert_close(params[n].grad[i], p.grad, rtol=1e-10, atol=1e-12, msg=n)
+        for n, b in mod.named_buffers():
+            torch.testing.assert_close(buffers[n][i], b, rtol=1e-12, atol=1e-12, msg=n)
+    torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_sweep_equals_separate_runs_for_a_1d_preresnet():
+    """Strided 1-D convolutions, pre-activation residual blocks and global average pooling."""
+    tr = data.load("synthetic", split="train", n=128, in_shape=(1, 24), seed=2)
+    fn = partial(models.make, "preresnet", norm="bn", in_shape=(1, 24), num_classes=10, width=4, depth=8)
+    res = sweep(fn, tr, lrs=[0.01, 0.1], seeds=[0, 1], steps=10, batch_size=32, momentum=0.9, weight_decay=5e-4,
+                data_seed=0, eval_train=False, device="cpu", vectorize=True, keep_states=True)
+    assert res.vectorized
+    for i, (lr, seed) in enumerate(zip(res.lrs, res.seeds)):
+        net = fn(seed=seed)
+        h = train(net, tr, torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4), steps=10, batch_size=32,
+                  eval_every=10**9, eval_train=False, device="cpu", seed=0)
+        torch.testing.assert_close(res.losses[i], torch.tensor([r["loss"] for r in h.records], dtype=torch.float64), rtol=1e-5, atol=1e-5)
+        for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+            torch.testing.assert_close(res.states[i][name], t.detach(), rtol=1e-5, atol=1e-5, msg=name)
