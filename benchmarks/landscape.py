@@ -15,7 +15,9 @@ Prints three tables:
    "standalone" computes them (k + 1 evaluations).
 2. A Hessian-vector product against one gradient computation (module forward + backward),
    target ≤ 2.5: a standalone HVP (both methods) and the amortized cost of one more HVP at the
-   same point (what Lanczos and Hutchinson pay per iteration).
+   same point (what Lanczos and Hutchinson pay per iteration), in time and in FLOPs (the
+   arithmetic: an exact HVP of this CNN, by either method, needs 2.97x the convolution and matmul
+   FLOPs of its gradient, above the 2.5x target; see bnlab.curvature's docstring).
 3. HVPs and wall time to the top Hessian eigenvalue with 1e-3 relative accuracy, Lanczos
    against power iteration, on the same model and batch: at the stopping rule (relative change
    < 1e-3) and at the first iterate whose actual error, against a converged Lanczos reference,
@@ -76,6 +78,16 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict[str, f
             fn()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def count_flops(fn) -> int:
+    """Floating-point operations of one call of ``fn`` (convolutions and matmuls), by
+    ``torch.utils.flop_counter.FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
 def cpu_busy_fraction(seconds: float = 1.0):
@@ -193,17 +205,25 @@ def main() -> None:
     for label, key in [("vmap", "probe_vmap_train"), ("loop", "probe_loop_train")]:
         print(f"   {label}: probe = {med[key] / med['train_step']:.2f} training steps")
 
+    flops = {key: count_flops(fns[key]) for key in ("fwd_bwd", "hvp_reverse", "hvp_forward", "hvp_amortized")}
     rows = [
-        row("gradient (module fwd + bwd)", "fwd_bwd"),
-        row("HVP, double backward (default)", "hvp_reverse"),
-        row("HVP, forward-over-reverse (torch.func)", "hvp_forward"),
-        row("one more HVP at the same point (graph reused)", "hvp_amortized"),
+        row(label, key, f"{flops[key] / 1e6:.0f} M", f"{flops[key] / flops['fwd_bwd']:.2f}")
+        for label, key in [
+            ("gradient (module fwd + bwd)", "fwd_bwd"),
+            ("HVP, double backward (default)", "hvp_reverse"),
+            ("HVP, forward-over-reverse (torch.func)", "hvp_forward"),
+            ("one more HVP at the same point (graph reused)", "hvp_amortized"),
+        ]
     ]
     table(
         "2. Hessian-vector product (target: HVP / gradient <= 2.5)",
-        ["what", "median", "/ gradient"],
+        ["what", "median", "/ gradient", "FLOPs", "FLOPs / gradient's"],
         rows,
     )
+    print("   The FLOP ratio is the arithmetic an exact HVP needs (torch.utils.flop_counter: convolutions\n"
+          "   and matmuls): the tangent of every product of two parameter-dependent factors doubles it\n"
+          f"   (3x for a conv layer, 2x for the first one, whose input is data); time ratio / FLOP ratio = "
+          f"{med['hvp_reverse'] / fb / (flops['hvp_reverse'] / flops['fwd_bwd']):.2f}.")
 
     # 3. Lanczos vs power iteration.
     ref, ref_info = top_eigenvalues(f, params, k=1, tol=1e-12, max_iter=300)

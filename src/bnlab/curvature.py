@@ -28,11 +28,13 @@ How an HVP is computed (``method``):
   composes with ``vmap``/``grad``; ``"auto"`` picks it whenever a ``torch.func`` transform is
   active (``torch.autograd.grad`` cannot run inside one).
 
-Cost: an exact HVP of a conv layer needs 3x the convolutions of its gradient (the tangent of
-each of the forward, input-gradient and weight-gradient convolutions doubles them), and
-BatchNorm's second derivative is a dozen full-size elementwise operations per layer: about 4
-gradients for a standalone HVP on the benchmark CNN, about 2.5 for each further HVP at the same
-point.
+Cost (benchmarks/landscape.py, BN CNN on 8x8 maps, batch 128, one CPU thread): an exact HVP of
+a conv layer needs 3x the convolution FLOPs of its gradient (the tangent of each of the forward,
+input-gradient and weight-gradient convolutions doubles them; 2x for a first layer, whose input
+is data): 2.97x the gradient's FLOPs for the whole CNN, by either method. In time a standalone
+double-backward HVP costs about 3.2-3.3x a gradient (3.5-4x before BatchNorm's second derivative
+was given the closed form of :mod:`bnlab._bn2`, which PyTorch differentiates with ~30 elementwise
+passes per layer) and each further HVP at the same point about 2.0-2.1x (FLOP ratio 1.97).
 
 Reference:
     Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
@@ -50,6 +52,7 @@ from typing import Callable, Iterator, Literal, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from bnlab._bn2 import second_order_batch_norm
 from bnlab.errors import UserError, check_positive
 
 __all__ = [
@@ -166,7 +169,9 @@ class HessianOperator:
     With ``method="reverse"`` the forward pass and the first backward pass (``create_graph=True``)
     run once, at construction; each product is then one backward pass through the gradient's
     graph (``retain_graph=True``), so a Lanczos run of ``m`` HVPs pays for one forward/backward
-    plus ``m`` double-backward passes. With ``method="forward"`` every product is a
+    plus ``m`` double-backward passes; train-mode ``F.batch_norm`` calls in ``f`` (every
+    ``torch.nn`` BatchNorm layer) get the closed-form second derivative of :mod:`bnlab._bn2`
+    (same values and first derivatives). With ``method="forward"`` every product is a
     ``torch.func.jvp`` of ``torch.func.grad_and_value`` (works under ``vmap``); the loss and
     gradient come with the first product.
 
@@ -203,7 +208,7 @@ class HessianOperator:
                     "torch.func transform; use method='forward' or 'auto'"
                 )
             self._leaves = [params[k].detach().requires_grad_(True) for k in self.keys]
-            with torch.enable_grad():
+            with torch.enable_grad(), second_order_batch_norm():
                 loss = f(dict(zip(self.keys, self._leaves)))
                 if loss.requires_grad:
                     grads = torch.autograd.grad(
@@ -284,7 +289,7 @@ def hvp(
     """Exact Hessian-vector product ``H v``, ``H = ∇²f(w)``.
 
     ``H v = ∇_w ⟨∇_w f(w), v⟩`` (Pearlmutter's trick): one forward pass, one backward pass with a
-    graph, and one more backward pass, about 4 gradient evaluations on a small BatchNorm CNN
+    graph, and one more backward pass, about 3.3 gradient evaluations on a small BatchNorm CNN
     (see the module docstring for the two methods and why double backward is the default on
     CPU). For several products at one point use :class:`HessianOperator`.
 
