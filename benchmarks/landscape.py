@@ -23,7 +23,8 @@ Prints three tables:
    < 1e-3) and at the first iterate whose actual error, against a converged Lanczos reference,
    is < 1e-3.
 
-Timings are medians over repeats, interleaved so that background load hits all variants alike;
+Timings are medians over repeats, interleaved so that background load hits all variants alike
+(table 2 also gives the ratio of the fastest runs, the least disturbed by it);
 the CPU use of other processes is printed before and after: on a busy machine, multi-threaded
 runs of many small operators slow down by 10x and more, use ``--threads 1`` there.
 """
@@ -66,8 +67,8 @@ def make_model() -> nn.Module:
     )
 
 
-def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median wall time of each function, the functions taking turns in each round."""
+def interleaved_times(fns: dict, repeats: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Wall times of each function over ``repeats`` rounds, the functions taking turns in each round."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -77,7 +78,12 @@ def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict[str, f
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median wall time of each function, the functions taking turns in each round."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats, warmup).items()}
 
 
 def count_flops(fn) -> int:
@@ -177,7 +183,9 @@ def main() -> None:
         "hvp_forward": lambda: hvp(f, params, v, method="forward"),
         "hvp_amortized": lambda: op(v),
     }
-    med = interleaved_medians(fns, repeats=15)
+    times = interleaved_times(fns, repeats=25)
+    med = {name: statistics.median(ts) for name, ts in times.items()}
+    best = {name: min(ts) for name, ts in times.items()}  # the least disturbed run of each
     fb = med["fwd_bwd"]
     auto_vec = probe(grad=grad, loss=loss).vectorized
 
@@ -207,7 +215,7 @@ def main() -> None:
 
     flops = {key: count_flops(fns[key]) for key in ("fwd_bwd", "hvp_reverse", "hvp_forward", "hvp_amortized")}
     rows = [
-        row(label, key, f"{flops[key] / 1e6:.0f} M", f"{flops[key] / flops['fwd_bwd']:.2f}")
+        row(label, key, f"{best[key] / best['fwd_bwd']:.2f}", f"{flops[key] / 1e6:.0f} M", f"{flops[key] / flops['fwd_bwd']:.2f}")
         for label, key in [
             ("gradient (module fwd + bwd)", "fwd_bwd"),
             ("HVP, double backward (default)", "hvp_reverse"),
@@ -217,7 +225,7 @@ def main() -> None:
     ]
     table(
         "2. Hessian-vector product (target: HVP / gradient <= 2.5)",
-        ["what", "median", "/ gradient", "FLOPs", "FLOPs / gradient's"],
+        ["what", "median", "/ gradient", "best / best", "FLOPs", "FLOPs / gradient's"],
         rows,
     )
     print("   The FLOP ratio is the arithmetic an exact HVP needs (torch.utils.flop_counter: convolutions\n"
