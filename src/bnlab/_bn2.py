@@ -23,8 +23,11 @@ by ``r``: ``dx̂ = r Π(dx)``, ``dr = -r² mean(x̂ dx)``. The tests check it ag
 double backward and by ``gradgradcheck`` in float64.
 
 Only the interception of ``torch.nn.functional.batch_norm`` in train mode is affected, and only
-inside :func:`second_order_batch_norm`; the running statistics, when given, are updated exactly
-as ``F.batch_norm`` does (the same kernel).
+inside :func:`second_order_batch_norm`, outside ``torch.func`` transforms and forward-mode AD
+(those keep PyTorch's own rules); the running statistics, when given, are updated exactly as
+``F.batch_norm`` does (the same kernel). The closed form is for second derivatives only: it is
+``once_differentiable``, and a third derivative through it is not supported (PyTorch's own BN
+third derivative is not reliable either).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.overrides import TorchFunctionMode
@@ -64,13 +68,11 @@ class _BatchNormBackward(torch.autograd.Function):
         # γ's and β's gradients are Σ gy x̂ and Σ gy, the double backward reuses them
         gx, gw, gb = _aten.native_batch_norm_backward(gy, x, weight, None, None, mean, invstd, True, eps, [True, True, True])
         ctx.save_for_backward(gy, x, weight, mean, invstd, gw, gb)
-        if weight is None:
-            return gx, None, None
-        return gx, gw, gb
+        return gx, gw, gb  # γ's and β's gradients even without them: _BatchNorm drops what it has no use for
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, ggx: Optional[Tensor], ggw: Optional[Tensor], ggb: Optional[Tensor]):
+    def backward(ctx, ggx: Tensor, ggw: Tensor, ggb: Tensor):  # unused outputs' cotangents arrive as zeros
         gy, x, weight, mean, invstd, sum_gy_xh, sum_gy = ctx.saved_tensors
         d = x.dim()
         n = x.numel() // x.shape[1]
@@ -78,26 +80,18 @@ class _BatchNormBackward(torch.autograd.Function):
         gr = r if weight is None else weight * r  # γ r
         m1, m2 = sum_gy / n, sum_gy_xh / n
         xh = torch.addcmul(_channel(-mean * r, d), x, _channel(r, d))  # x̂
-        if ggx is not None:
-            P = _channel_sum(ggx)
-            Q = _channel_sum(ggx * xh)
-            K = _channel_sum(ggx * gy) - m1 * P - m2 * Q
-        else:
-            P = Q = K = torch.zeros_like(r)
-        ggw = torch.zeros_like(r) if ggw is None else ggw
-        ggb = torch.zeros_like(r) if ggb is None else ggb
+        P = _channel_sum(ggx)
+        Q = _channel_sum(ggx * xh)
+        K = _channel_sum(ggx * gy) - m1 * P - m2 * Q
         c1 = ggw - gr * Q / n
         c2 = -gr * m2
         # ∂/∂gy = γ r ggx + x̂ c₁ + (ggβ - γ r P/n)
-        g_gy = torch.addcmul(_channel(ggb - gr * P / n, d), xh, _channel(c1, d))
-        if ggx is not None:
-            g_gy.addcmul_(ggx, _channel(gr, d))
+        g_gy = torch.addcmul(_channel(ggb - gr * P / n, d), xh, _channel(c1, d)).addcmul_(ggx, _channel(gr, d))
         # ∂/∂x = r c₁ gy + r c₂ ggx + x̂ (-γ K r²/n - r (c₁ m₂ + c₂ Q/n)) - r (c₁ m₁ + c₂ P/n)
         a_xh = -gr * K * r / n - r * (c1 * m2 + c2 * Q / n)
         const = -r * (c1 * m1 + c2 * P / n)
         g_x = torch.addcmul(_channel(const, d), xh, _channel(a_xh, d)).addcmul_(gy, _channel(r * c1, d))
-        if ggx is not None:
-            g_x.addcmul_(ggx, _channel(r * c2, d))
+        g_x.addcmul_(ggx, _channel(r * c2, d))
         g_w = None if weight is None else r * K
         return g_gy, g_x, g_w, None, None, None
 
@@ -111,13 +105,14 @@ class _BatchNorm(torch.autograd.Function):
         out, mean, invstd = _aten.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
+        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, mean, invstd = ctx.saved_tensors
         gx, gw, gb = _BatchNormBackward.apply(gy, x, weight, mean, invstd, ctx.eps)
-        return gx, gw, gb, None, None, None, None
+        return gx, gw if weight is not None else None, gb if ctx.has_bias else None, None, None, None, None
 
 
 _BN_ARGS = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
@@ -130,7 +125,11 @@ class _Mode(TorchFunctionMode):
             a = dict(zip(_BN_ARGS, args))
             a.update(kwargs)
             x = a["input"]
-            if a.get("training", False) and x.dim() >= 2 and x.numel() > x.shape[1] and x.is_floating_point():
+            if (
+                a.get("training", False) and x.dim() >= 2 and x.numel() > x.shape[1] and x.is_floating_point()
+                and not torch._C._are_functorch_transforms_active()  # vmap/grad/jvp: PyTorch's own rules
+                and all(t is None or fwAD.unpack_dual(t).tangent is None for t in (x, a.get("weight"), a.get("bias")))
+            ):
                 return _BatchNorm.apply(
                     x, a.get("weight"), a.get("bias"), a.get("running_mean"), a.get("running_var"),
                     a.get("momentum", 0.1), a.get("eps", 1e-5),

@@ -536,9 +536,7 @@ def _conv_rule(m, dims, x, weight, bias, conv, stride, padding, dilation, groups
     (CPU kernels for grouped convolutions of a few channels per group are 1.4-4x faster in that
     layout, forward and backward; a 1-D convolution runs as a 2-D one of height 1)."""
     dx, dw, db = dims[:3]
-    if dw is None and (bias is None or db is None):  # shared weights: members in the batch dim
-        if dx is None:
-            return conv(x, weight, bias, stride, padding, dilation, groups), None
+    if dw is None and (bias is None or db is None):  # shared weights (so x is batched): members in the batch dim
         out = conv(x.movedim(dx, 0).flatten(0, 1), weight, bias, stride, padding, dilation, groups)
         return out.unflatten(0, (m, -1)), 0
     if dx is None and groups == 1:  # a shared input feeds every member's filters
@@ -556,9 +554,8 @@ def _conv_rule(m, dims, x, weight, bias, conv, stride, padding, dilation, groups
 
 
 def _channelwise_rule(m, dims, x, fn):
-    """A per-channel operation (pooling) of ``M`` members as one call over ``M·C`` channels."""
-    if dims[0] is None:
-        return fn(x), None
+    """A per-channel operation (pooling) of ``M`` members as one call over ``M·C`` channels (``x`` is
+    batched: the module forwards call the rule only then)."""
     return fn(_members_in_channels(x, dims[0], m)).unflatten(1, (m, -1)), 1
 
 
@@ -588,9 +585,16 @@ def _batch_norm_rule(m, dims, x, weight, bias, running_mean, running_var, moment
     return out.unflatten(1, (m, -1)), 1
 
 
+def _batched(*ts: Optional[Tensor]) -> bool:
+    """Whether a tensor is batched by the enclosing ``vmap``: with none batched, functorch would
+    call ``_MemberRule.forward`` rather than the rule, so the layer runs its own ``forward``
+    (e.g. a pooling layer on the shared input batch)."""
+    return any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in ts)
+
+
 def _stacked_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
     """``forward`` of the template's BatchNorm layers: train mode through :func:`_batch_norm_rule`."""
-    if not self.training:
+    if not self.training or not _batched(x, self.weight, self.bias, self.running_mean, self.running_var):
         return type(self).forward(self, x)
     self._check_input_dim(x)
     if self.track_running_stats and self.num_batches_tracked is not None:
@@ -604,7 +608,7 @@ def _stacked_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Ten
 
 def _stacked_conv_forward(self: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """``forward`` of the template's ``Conv1d``/``Conv2d`` layers: :func:`_conv_rule`."""
-    if x.dim() != self.weight.dim():  # unbatched input: the module's own path
+    if x.dim() != self.weight.dim() or not _batched(x, self.weight, self.bias):  # unbatched input, or nothing batched
         return type(self).forward(self, x)
     conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
     return _MemberRule.apply(_conv_rule, x, self.weight, self.bias, conv, self.stride, self.padding, self.dilation, self.groups)
@@ -612,7 +616,7 @@ def _stacked_conv_forward(self: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 
 def _stacked_pool_forward(self: nn.Module, x: Tensor) -> Tensor:
     """``forward`` of the template's pooling layers: :func:`_channelwise_rule`."""
-    if x.dim() != self._bnlab_dims:  # unbatched input: the module's own path
+    if x.dim() != self._bnlab_dims or not _batched(x):  # unbatched input, or the shared batch
         return type(self).forward(self, x)
     return _MemberRule.apply(_channelwise_rule, x, functools.partial(type(self).forward, self))
 

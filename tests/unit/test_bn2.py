@@ -84,3 +84,51 @@ def test_values_first_derivatives_and_running_stats_are_pytorchs():
     assert "_BatchNorm" in n1 and "_BatchNorm" not in n0  # the closed form was used, and only inside the block
     for a, b_ in [(y0, y1), (e0, e1), (rm0, rm1), (rv0, rv1), *zip(g0, g1)]:
         assert torch.equal(a, b_)  # the same kernels: bit-identical
+
+
+@pytest.mark.parametrize("which", ["weight only", "bias only"])
+def test_a_batch_norm_call_with_only_a_weight_or_only_a_bias(which):
+    """Custom layers may pass one affine parameter. Reference: the HVP of BatchNorm written with
+    elementary operations (PyTorch's own double backward fails for a bias without a weight)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 3, 4, generator=gen, dtype=torch.float64)
+    params = {"x": x, "p": torch.rand(3, generator=gen, dtype=torch.float64) + 0.5}
+    v = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in params.items()}
+    c = torch.randn(8, 3, 4, generator=gen, dtype=torch.float64)
+
+    def f(p, bn=F.batch_norm):
+        w, b = (p["p"], None) if which == "weight only" else (None, p["p"])
+        return (bn(p["x"], None, None, w, b, True) ** 3 * c).sum()
+
+    def elementary_bn(x, rm, rv, w, b, training, eps=1e-5):
+        var, mean = torch.var_mean(x, (0, 2), correction=0, keepdim=True)
+        y = (x - mean) / torch.sqrt(var + eps)
+        y = y if w is None else y * w.view(1, -1, 1)
+        return y if b is None else y + b.view(1, -1, 1)
+
+    leaves = {k: t.detach().requires_grad_() for k, t in params.items()}
+    g = torch.autograd.grad(f(leaves, elementary_bn), list(leaves.values()), create_graph=True)
+    ref = torch.autograd.grad(g, list(leaves.values()), grad_outputs=[v[k] for k in leaves])
+    ours = hvp(f, params, v, method="reverse")
+    for k, r in zip(leaves, ref):
+        torch.testing.assert_close(ours[k], r, rtol=1e-10, atol=1e-12, msg=k)
+        assert r.abs().max() > 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func's BN decomposition
+def test_torch_func_transforms_inside_the_block_keep_pytorchs_rules():
+    """A closure that vmaps or uses forward-mode AD over BN still works inside the block."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 6, 3, 4, generator=gen, dtype=torch.float64)
+    w = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5
+
+    def bn(xb, ww):
+        return F.batch_norm(xb, None, None, ww, None, True)
+
+    ref_v = torch.func.vmap(bn, in_dims=(0, None))(x, w)
+    ref_j = torch.func.jvp(lambda ww: bn(x[0], ww), (w,), (torch.ones_like(w),))
+    with second_order_batch_norm():
+        got_v = torch.func.vmap(bn, in_dims=(0, None))(x, w)
+        got_j = torch.func.jvp(lambda ww: bn(x[0], ww), (w,), (torch.ones_like(w),))
+    assert torch.equal(got_v, ref_v)
+    assert all(torch.equal(a, b) for a, b in zip(got_j, ref_j))

@@ -338,3 +338,24 @@ def test_sweep_equals_separate_runs_for_a_1d_preresnet():
         torch.testing.assert_close(res.losses[i], torch.tensor([r["loss"] for r in h.records], dtype=torch.float64), rtol=1e-5, atol=1e-5)
         for name, t in list(net.named_parameters()) + list(net.named_buffers()):
             torch.testing.assert_close(res.states[i][name], t.detach(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_layers_on_the_shared_input_batch_still_vectorize():
+    """A pooling layer and a parameter-free BatchNorm applied to the (unbatched) data batch run the
+    module's own forward inside vmap; the sweep still equals separate runs."""
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(
+            nn.BatchNorm2d(1, affine=False, track_running_stats=False), nn.AvgPool2d(2),
+            nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 10),
+        )
+
+    tr = data.load("synthetic", split="train", n=64, in_shape=(1, 8, 8), seed=2)
+    res = sweep(net, tr, lrs=[0.05, 0.2], steps=4, batch_size=32, data_seed=0, eval_train=False, device="cpu", vectorize=True)
+    assert res.vectorized
+    for i, lr in enumerate(res.lrs):
+        model = net(0)
+        h = train(model, tr, torch.optim.SGD(model.parameters(), lr=lr), steps=4, batch_size=32, eval_every=10**9,
+                  eval_train=False, device="cpu", seed=0)
+        torch.testing.assert_close(res.losses[i], torch.tensor([r["loss"] for r in h.records], dtype=torch.float64), rtol=1e-5, atol=1e-5)
