@@ -506,18 +506,19 @@ class _MemberRule(torch.autograd.Function):
         return rule(info.batch_size, in_dims[1:], *args)
 
 
+def _members_first(t: Tensor, d: Optional[int], m: int) -> Tensor:
+    """``t`` batched at ``d`` (or shared: ``d is None``) as ``[M, *shape]``, a view."""
+    return t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(m, *t.shape)
+
+
 def _members_in_channels(x: Tensor, d: Optional[int], m: int) -> Tensor:
     """``(N, C, *)`` per member, batched at ``d`` -> ``(N, M·C, *)`` (a view when ``d == 1`` already)."""
-    x = x.movedim(d, 1) if d is not None else x.unsqueeze(1).expand(x.shape[0], m, *x.shape[1:])
-    return x.flatten(1, 2)
+    return _members_first(x, d, m).movedim(0, 1).flatten(1, 2)
 
 
 def _per_member(t: Optional[Tensor], d: Optional[int], m: int) -> Optional[Tensor]:
     """A per-member parameter ``[*shape]`` batched at ``d`` -> ``[M·shape[0], *shape[1:]]``."""
-    if t is None:
-        return None
-    t = t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(m, *t.shape)
-    return t.flatten(0, 1)
+    return None if t is None else _members_first(t, d, m).flatten(0, 1)
 
 
 def _channels_last(x: Tensor) -> Tensor:
@@ -531,25 +532,22 @@ def _channels_last(x: Tensor) -> Tensor:
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
 
 
-def _conv_rule(m, dims, x, weight, bias, conv, stride, padding, dilation, groups):
+def _conv_rule(m, dims, x, weight, bias, stride, padding, dilation, groups):
     """Convolution of ``M`` members as one grouped convolution over ``M·C`` channels, channels-last
     (CPU kernels for grouped convolutions of a few channels per group are 1.4-4x faster in that
     layout, forward and backward; a 1-D convolution runs as a 2-D one of height 1)."""
     dx, dw, db = dims[:3]
-    if dw is None and (bias is None or db is None):  # shared weights (so x is batched): members in the batch dim
-        out = conv(x.movedim(dx, 0).flatten(0, 1), weight, bias, stride, padding, dilation, groups)
-        return out.unflatten(0, (m, -1)), 0
     if dx is None and groups == 1:  # a shared input feeds every member's filters
         x_in, g = x, 1
     else:
         x_in, g = _members_in_channels(x, dx, m), groups * m
     w, b = _per_member(weight, dw, m), _per_member(bias, db, m)
-    if conv is F.conv1d:  # as a 2-D convolution of height 1, channels-last; the output is (N, M·C, L) stored as N, L, M·C
+    if x_in.dim() == 3:  # Conv1d, as a 2-D convolution of height 1, channels-last; the output is (N, M·C, L) stored as N, L, M·C
         if not isinstance(padding, str):
             padding = (0, padding[0])
         out = F.conv2d(_channels_last(x_in.unsqueeze(2)), w.unsqueeze(2), b, (1, stride[0]), padding, (1, dilation[0]), g).squeeze(2)
     else:
-        out = conv(_channels_last(x_in), w, b, stride, padding, dilation, g)
+        out = F.conv2d(_channels_last(x_in), w, b, stride, padding, dilation, g)
     return out.unflatten(1, (m, -1)), 1
 
 
@@ -571,9 +569,7 @@ def _batch_norm_rule(m, dims, x, weight, bias, running_mean, running_var, moment
     """
     dx, dw, db, drm, drv = dims[:5]
     x_in = _members_in_channels(x, dx, m)
-    stats = []
-    for t, d in ((running_mean, drm), (running_var, drv)):
-        stats.append(None if t is None else (t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(m, *t.shape)))
+    stats = [None if t is None else _members_first(t, d, m) for t, d in ((running_mean, drm), (running_var, drv))]
     flat = [None if t is None else t.reshape(-1) for t in stats]  # views of contiguous buffers
     sequence_cl = x_in.dim() == 3 and x_in.stride(1) == 1 and x_in.shape[2] > 1  # (N, C, L) stored as N, L, C
     out = F.batch_norm(x_in.unsqueeze(2) if sequence_cl else x_in, flat[0], flat[1], _per_member(weight, dw, m), _per_member(bias, db, m), True, momentum, eps)
@@ -610,19 +606,20 @@ def _stacked_conv_forward(self: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """``forward`` of the template's ``Conv1d``/``Conv2d`` layers: :func:`_conv_rule`."""
     if x.dim() != self.weight.dim() or not _batched(x, self.weight, self.bias):  # unbatched input, or nothing batched
         return type(self).forward(self, x)
-    conv = F.conv1d if isinstance(self, nn.Conv1d) else F.conv2d
-    return _MemberRule.apply(_conv_rule, x, self.weight, self.bias, conv, self.stride, self.padding, self.dilation, self.groups)
+    return _MemberRule.apply(_conv_rule, x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def _stacked_pool_forward(self: nn.Module, x: Tensor) -> Tensor:
     """``forward`` of the template's pooling layers: :func:`_channelwise_rule`."""
-    if x.dim() != self._bnlab_dims or not _batched(x):  # unbatched input, or the shared batch
+    if x.dim() != _POOLS[type(self)] or not _batched(x):  # unbatched input, or the shared batch
         return type(self).forward(self, x)
     return _MemberRule.apply(_channelwise_rule, x, functools.partial(type(self).forward, self))
 
 
-_POOLS = {nn.MaxPool1d: 3, nn.MaxPool2d: 4, nn.AvgPool1d: 3, nn.AvgPool2d: 4, nn.AdaptiveAvgPool1d: 3, nn.AdaptiveAvgPool2d: 4,
-          nn.AdaptiveMaxPool1d: 3, nn.AdaptiveMaxPool2d: 4}
+_POOLS = {  # pooling layer type -> dims of a batched input (N, C, *spatial)
+    nn.MaxPool1d: 3, nn.MaxPool2d: 4, nn.AvgPool1d: 3, nn.AvgPool2d: 4,
+    nn.AdaptiveAvgPool1d: 3, nn.AdaptiveAvgPool2d: 4, nn.AdaptiveMaxPool1d: 3, nn.AdaptiveMaxPool2d: 4,
+}
 
 
 def _use_stacked_layers(template: nn.Module) -> None:
@@ -637,7 +634,6 @@ def _use_stacked_layers(template: nn.Module) -> None:
         elif t in (nn.Conv1d, nn.Conv2d) and mod.padding_mode == "zeros":
             mod.forward = types.MethodType(_stacked_conv_forward, mod)
         elif t in _POOLS and not getattr(mod, "return_indices", False):
-            mod._bnlab_dims = _POOLS[t]
             mod.forward = types.MethodType(_stacked_pool_forward, mod)
 
 
