@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
 from .errors import UserError
 
@@ -62,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one registered experiment (figures, summary, verdicts)")
     r.add_argument("experiment", help="experiment name (see `bnlab list`)")
     r.add_argument("--profile", default="quick", help="tiny | quick | paper (default: quick)")
-    r.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override a setting of the profile")
+    r.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE",
+                   help="override a setting (a Config field: a new run) or a threshold (a Thresholds field: only the verdicts); "
+                        "`bnlab settings NAME` lists them")
     r.add_argument("--force", action="store_true", help="rerun even if a complete run with the same config exists")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_common(r)
@@ -76,15 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_common(d)
 
-    ty = sub.add_parser("toy", help="the 2-D scale-invariant toy: weight decay vs exponential LR (figures + GIF)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ty.add_argument("--steps", type=int, default=400, help="GD steps")
-    ty.add_argument("--lr", type=float, default=1.0, help="learning rate eta")
-    ty.add_argument("--wd", type=float, default=0.02, help="weight decay lambda")
-    ty.add_argument("--momentum", type=float, default=0.0, help="momentum gamma")
-    ty.add_argument("--dtype", default="float64", help="float64 | float32 (trajectory figures)")
-    ty.add_argument("--tol", type=float, default=1e-6, help="angle (rad) above which the runs count as deviating")
-    ty.add_argument("--out", default="runs/toy", help="directory for the figures")
+    ty = sub.add_parser("toy", help="the 2-D scale-invariant toy: weight decay vs exponential LR (= `bnlab run toy`; "
+                        "the flags are shorthands for --set)")
+    ty.add_argument("--profile", default="quick", help="tiny | quick | paper (default: quick)")
+    ty.add_argument("--steps", type=int, default=None, help="GD steps (= --set steps=N; profile quick: 400)")
+    ty.add_argument("--lr", type=float, default=None, help="learning rate eta (= --set lr=X; quick: 1.0)")
+    ty.add_argument("--wd", type=float, default=None, help="weight decay lambda (= --set weight_decay=X; quick: 0.02)")
+    ty.add_argument("--momentum", type=float, default=None, help="momentum gamma (= --set momentum=X; quick: 0)")
+    ty.add_argument("--dtype", default=None, help="float64 | float32, trajectory figures (= --set dtype=NAME; quick: float64)")
+    ty.add_argument("--tol", type=float, default=None,
+                    help="angle (rad) above which the runs count as deviating (= --set deviation_tol=X, a threshold; default 1e-6)")
+    ty.add_argument("--set", dest="overrides", action="append", metavar="KEY=VALUE", help="override a setting of the profile")
+    ty.add_argument("--force", action="store_true", help="rerun even if a complete run with the same config exists")
+    ty.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_common(ty)
+
+    rj = sub.add_parser("rejudge", help="judge stored runs again from their summaries (no training), then rebuild report.html")
+    rj.add_argument("runs_dir", help="the directory given as --out to reproduce/run")
+    rj.add_argument("--set", dest="overrides", action="append", metavar="[EXPERIMENT.]KEY=VALUE",
+                    help="change a threshold (shown in the report as a departure from its registered value)")
+
+    st = sub.add_parser("settings", help="an experiment's settings and thresholds, with their types, profile values and meaning")
+    st.add_argument("experiment", help="experiment name (see `bnlab list`)")
+    st.add_argument("--profile", default="quick", help="tiny | quick | paper (default: quick)")
 
     rp = sub.add_parser("report", help="rebuild report.html from run directories (no training)")
     rp.add_argument("runs_dir", help="the directory given as --out to reproduce/run")
@@ -156,7 +171,7 @@ def _cmd_train(args) -> int:
     print(f"bnlab train: {args.model} ({args.norm}, {n_params:,} trained parameters) on {args.data} "
           f"({len(tr)} train / {len(te)} test), {args.optimizer} lr {args.lr}, device {device}", file=sys.stderr)
     h = train(model, tr, opt, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, full_batch=args.full_batch,
-              eval_data=te, device=device, seed=args.seed, log=run.write, progress=False if args.quiet else "train")
+              eval_data=te, device=device, seed=args.seed, log=run.append_metrics, progress=False if args.quiet else "train")
     summary = h.summary()
     run.finish(summary)
     if h.diverged:
@@ -169,11 +184,14 @@ def _cmd_train(args) -> int:
 
 
 def _print_verdicts(run) -> None:
-    verdicts = run.read_json("verdicts.json")
+    from .experiments import verdict_rows
+
     mark = {"holds": "holds", "fails": "FAILS", "inconclusive": "inconclusive"}
-    for v in verdicts:
+    for v in verdict_rows(run):
         print(f"  [{mark[v['status']]:>12}] {v['statement']}  ({v['source']})")
         print(f"                 {v['detail']}")
+        if v.get("rule"):
+            print(f"                 rule: {v['rule']}")
 
 
 def _cmd_run(args, experiment: str | None = None) -> int:
@@ -209,27 +227,47 @@ def _cmd_reproduce(args) -> int:
 
 
 def _cmd_toy(args) -> int:
-    from .errors import check_positive
-    from .toy import run_toy
+    """`bnlab toy`: `bnlab run toy` with the old flags mapped onto --set (explicit --set pairs win)."""
+    flags = {"steps": args.steps, "lr": args.lr, "weight_decay": args.wd, "momentum": args.momentum,
+             "dtype": args.dtype, "deviation_tol": args.tol}
+    args.overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides or [])
+    return _cmd_run(args, experiment="toy")
 
-    check_positive("steps", args.steps)
-    check_positive("learning rate", args.lr)
-    check_positive("weight decay", args.wd, allow_zero=True)
-    check_positive("tol", args.tol)
-    if not 0.0 <= args.momentum < 1.0:
-        raise UserError(f"momentum must be in [0, 1), got {args.momentum!r}")
-    if args.dtype not in ("float64", "float32"):
-        raise UserError(f"unknown dtype {args.dtype!r}; accepted: float32, float64")
-    out = Path(args.out)
-    res = run_toy(out, steps=args.steps, lr=args.lr, weight_decay=args.wd, momentum=args.momentum, dtype=args.dtype, tol=args.tol)
-    from ._io import atomic_write_json
 
-    atomic_write_json(out / "toy_summary.json", res)
-    for key in ("alpha", "first_deviation_step", "final_loss", "final_norm"):
-        if key in res:
-            print(f"{key}: {res[key]}")
-    for f in sorted(out.glob("toy_*")):
-        print(f"written: {f}")
+def _cmd_rejudge(args) -> int:
+    import time
+
+    from .experiments import rejudge
+    from .reproduce import format_table
+
+    t0 = time.perf_counter()
+    report, rows = rejudge(args.runs_dir, args.overrides)
+    print(format_table(rows))
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("holds", "fails", "inconclusive")}
+    print(f"\n{counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive "
+          f"(rejudged {len({r['run'] for r in rows})} runs in {time.perf_counter() - t0:.1f} s, no training)")
+    print(f"report: {report.resolve()}")
+    return 0
+
+
+def _cmd_settings(args) -> int:
+    import dataclasses
+
+    from .experiments import PROFILES, field_types, get_experiment
+    from .experiments.base import field_docs, type_name
+
+    exp = get_experiment(args.experiment)
+    if args.profile not in PROFILES:
+        raise UserError(f"unknown profile {args.profile!r}; accepted: {', '.join(PROFILES)}")
+    for title, cls, obj in (("settings (Config: hashed, a change means a new run)", exp.Config, exp.profiles[args.profile]),
+                            ("thresholds (Thresholds: not hashed, `bnlab rejudge --set` applies them to stored runs)",
+                             exp.Thresholds, exp.registered_thresholds(args.profile))):
+        print(f"{exp.name} {title}, profile {args.profile}:")
+        docs, types_ = field_docs(cls), field_types(cls)
+        for f in dataclasses.fields(cls):
+            print(f"  {f.name} = {getattr(obj, f.name)!r}  ({type_name(types_[f.name])})")
+            if docs.get(f.name):
+                print(f"      {docs[f.name]}")
     return 0
 
 
@@ -260,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _set_threads(args)
     handler = {"list": _cmd_list, "train": _cmd_train, "run": _cmd_run, "reproduce": _cmd_reproduce, "demo": _cmd_reproduce,
-               "report": _cmd_report, "toy": _cmd_toy}[args.command]
+               "report": _cmd_report, "rejudge": _cmd_rejudge, "settings": _cmd_settings, "toy": _cmd_toy}[args.command]
     try:
         return handler(args)
     except UserError as e:

@@ -33,8 +33,9 @@ a conv layer needs 3x the convolution FLOPs of its gradient (the tangent of each
 input-gradient and weight-gradient convolutions doubles them; 2x for a first layer, whose input
 is data): 2.97x the gradient's FLOPs for the whole CNN, by either method. In time a standalone
 double-backward HVP costs about 3.2-3.3x a gradient (3.5-4x before BatchNorm's second derivative
-was given the closed form of :mod:`bnlab._bn2`, which PyTorch differentiates with ~30 elementwise
-passes per layer) and each further HVP at the same point about 2.0-2.1x (FLOP ratio 1.97).
+was given the closed form of :mod:`bnlab._batchnorm_second_order`, which PyTorch differentiates
+with ~30 elementwise passes per layer) and each further HVP at the same point about 2.0-2.1x (FLOP
+ratio 1.97).
 
 Reference:
     Pearlmutter, "Fast exact multiplication by the Hessian", Neural Computation 1994.
@@ -52,7 +53,7 @@ from typing import Callable, Iterator, Literal, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
-from bnlab._bn2 import second_order_batch_norm
+from bnlab._batchnorm_second_order import second_order_batch_norm
 from bnlab.errors import UserError, check_positive
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "EigenInfo",
     "TraceEstimate",
     "loss_and_grad",
+    "check_keys",
     "hvp",
     "quadratic_form",
     "top_eigenvalues",
@@ -116,7 +118,17 @@ def _dot(a: dict[str, Tensor], b: dict[str, Tensor]) -> Tensor:
     return sum((a[k] * b[k]).sum() for k in a)
 
 
-def _check_keys(name: str, d: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+def check_keys(name: str, d: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+    """Check that a vector in parameter space (a dict) has exactly the keys of ``params``.
+
+    Args:
+        name: the argument's name, for the message.
+        d: the dict to check (e.g. a direction ``v`` or a gradient).
+        params: the parameter dict it must match.
+
+    Raises:
+        UserError: keys missing or unexpected (both listed).
+    """
     if set(d) != set(params):
         missing = sorted(set(params) - set(d))
         extra = sorted(set(d) - set(params))
@@ -170,8 +182,8 @@ class HessianOperator:
     run once, at construction; each product is then one backward pass through the gradient's
     graph (``retain_graph=True``), so a Lanczos run of ``m`` HVPs pays for one forward/backward
     plus ``m`` double-backward passes; train-mode ``F.batch_norm`` calls in ``f`` (every
-    ``torch.nn`` BatchNorm layer) get the closed-form second derivative of :mod:`bnlab._bn2`
-    (same values and first derivatives). With ``method="forward"`` every product is a
+    ``torch.nn`` BatchNorm layer) get the closed-form second derivative of
+    :mod:`bnlab._batchnorm_second_order` (same values and first derivatives). With ``method="forward"`` every product is a
     ``torch.func.jvp`` of ``torch.func.grad_and_value`` (works under ``vmap``); the loss and
     gradient come with the first product.
 
@@ -311,7 +323,7 @@ def hvp(
     Reference:
         Pearlmutter, "Fast exact multiplication by the Hessian", 1994.
     """
-    _check_keys("v", v, params)
+    check_keys("v", v, params)
     return HessianOperator(f, params, method=method)(v)
 
 
@@ -351,7 +363,7 @@ def quadratic_form(
     if v is None:
         v = op.grad  # "reverse": from the graph already built; "forward": one more gradient
     else:
-        _check_keys("v", v, params)
+        check_keys("v", v, params)
     hv = op(v)
     return _dot(v, hv) / _dot(v, v)
 

@@ -100,11 +100,85 @@ class ArrayData:
             else:
                 yield self.x[start:stop], self.y[start:stop]
 
+    def stream(self, batch_size: int, *, generator: torch.Generator | None = None, drop_last: bool = False,
+               full_batch: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless ``(x, y)`` minibatches: epoch after epoch of :meth:`batches` (shuffled with
+        ``generator``), or the whole set every time with ``full_batch``. The one batch stream of
+        :func:`bnlab.train.train`, :func:`bnlab.sweep.sweep` and the lockstep trainer."""
+        while True:
+            if full_batch:
+                yield self.full_batch()
+            else:
+                yield from self.batches(batch_size, shuffle=True, generator=generator, drop_last=drop_last)
+
     def steps_per_epoch(self, batch_size: int, drop_last: bool = False) -> int:
         n = len(self)
         if drop_last and n >= batch_size:
             return n // batch_size
         return -(-n // batch_size)
+
+
+class FixedBatches(ArrayData):
+    """A training set cut once into fixed batches; each epoch visits them in a fresh random order.
+
+    SGD over it is an unbiased sampler of the finite-sum objective ``L(θ) = Σ_k |B_k|/N · L_{B_k}(θ)``
+    over the one partition ``B_1, …, B_K`` (with BatchNorm each ``L_{B_k}`` is computed with the
+    statistics of its own batch, and is scale-invariant in the weights feeding BN): the setting of
+    the SGD theorem of Arora, Li, Lyu (2019), and a function whose gradient :meth:`fixed` lets one
+    evaluate exactly. With ordinary reshuffling every epoch makes new batches, so BN's batch
+    statistics make SGD minimize an expectation over random partitions, which no fixed set of
+    batches evaluates.
+
+    :meth:`batches` with this set's ``batch_size`` yields the partition's batches (shuffled with
+    ``generator``, or in partition order); with any other batch size (an evaluation pass) it yields
+    the plain set in order, like :class:`ArrayData`.
+
+    Args:
+        data: the training set.
+        batch_size: examples per batch (the last batch may be smaller).
+        seed: seeds the one partition.
+        order: the permutation of ``range(len(data))`` that defines the partition (default: drawn
+            from ``seed``); consecutive runs of ``batch_size`` indices form the batches.
+
+    Example:
+        >>> tr = load("synthetic", n=50, in_shape=(1, 4, 4))
+        >>> fb = FixedBatches(tr, 16, seed=1)
+        >>> [len(y) for _, y in fb.fixed()], fb.steps_per_epoch(16)
+        ([16, 16, 16, 2], 4)
+    """
+
+    def __init__(self, data: ArrayData, batch_size: int, seed: int = 0, *, order: torch.Tensor | None = None):
+        super().__init__(data.x, data.y, data.num_classes, data.name, data.split)
+        check_positive("batch size", batch_size)
+        n = len(data)
+        self.order = order if order is not None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        self.batch_size = int(batch_size)
+        self.slices = [self.order[i : i + self.batch_size] for i in range(0, n, self.batch_size)]
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "FixedBatches":
+        """A copy on ``device`` (inputs cast to ``dtype``) with the same partition."""
+        moved = ArrayData(self.x, self.y, self.num_classes, self.name, self.split).to(device, dtype)
+        return FixedBatches(moved, self.batch_size, order=self.order.to(moved.x.device))
+
+    def fixed(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The batches ``(x_k, y_k)`` of the partition, in partition order."""
+        return [(self.x[i], self.y[i]) for i in self.slices]
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch: the partition's batches in a random order (``shuffle``, from ``generator``)
+        or in partition order; for another ``batch_size``, the plain set in order (``drop_last``
+        is ignored: the partition is fixed)."""
+        if batch_size != self.batch_size:  # evaluation passes use their own batch size: plain order
+            yield from super().batches(batch_size, shuffle=False)
+            return
+        ks = torch.randperm(len(self.slices), generator=generator).tolist() if shuffle else range(len(self.slices))
+        for k in ks:
+            i = self.slices[k]
+            yield self.x[i], self.y[i]
+
+    def steps_per_epoch(self, batch_size: int, drop_last: bool = False) -> int:
+        return len(self.slices) if batch_size == self.batch_size else super().steps_per_epoch(batch_size, drop_last)
 
 
 # ------------------------------------------------------------------------------------ datasets

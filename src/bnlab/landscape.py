@@ -12,7 +12,8 @@ Claim: with BatchNorm all three are much smaller, especially early in training. 
 
 :func:`probe_along_gradient` works on a loss closure ``f(params) -> scalar`` (see
 :mod:`bnlab.curvature`); :func:`probe_model_along_gradient` is the ``(model, batch, loss_fn)``
-wrapper that leaves the model untouched.
+wrapper that leaves the model untouched. :func:`relative_loss` (Bjorck et al. 2018) is the loss
+part alone, ``L(w - α g) / L(w)`` for step sizes ``α``, on the same closure.
 
 Vectorized or loop (``vectorize``): the ``k`` points are ``k`` loss-and-gradient evaluations.
 ``True`` evaluates them in one ``torch.func.vmap`` call over the ``k`` stacked parameter sets
@@ -45,12 +46,14 @@ scheduler time slice, everything runs 10-30x slower and ``vmap``, with fewer ope
 out 2-5x faster than the loop; there ``torch.set_num_threads(1)`` helps far more. The choice
 never changes the numbers beyond round-off (a test checks ``vmap`` against the loop).
 If the ``vmap`` call fails, ``"auto"`` falls back to the loop
-(``LandscapeProbe.vectorized`` tells which ran): e.g. a custom layer that updates a buffer in
+(``GradientLineScan.vectorized`` tells which ran): e.g. a custom layer that updates a buffer in
 place, or dropout in train mode (random operations under ``vmap``).
 
 Reference:
     Santurkar, Tsipras, Ilyas, Madry, "How Does Batch Normalization Help Optimization?",
     NeurIPS 2018, section 3.2 and figure 4.
+    Bjorck, Gomes, Selman, Weinberger, "Understanding Batch Normalization", NeurIPS 2018, figure 2
+    (the relative loss of one step).
 """
 
 from __future__ import annotations
@@ -58,14 +61,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional, Sequence, Union
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from bnlab.curvature import (
     LossClosure,
-    _check_keys,
+    check_keys,
     loss_and_grad,
     model_loss_closure,
     model_state_preserved,
@@ -74,9 +77,11 @@ from bnlab.errors import UserError
 
 __all__ = [
     "AUTO_VMAP_MAX_SECONDS",
-    "LandscapeProbe",
+    "GradientLineScan",
     "probe_along_gradient",
     "probe_model_along_gradient",
+    "relative_loss",
+    "relative_loss_of",
 ]
 
 AUTO_VMAP_MAX_SECONDS = 0.003
@@ -86,7 +91,7 @@ Vectorize = Union[bool, Literal["auto"]]
 
 
 @dataclass(frozen=True)
-class LandscapeProbe:
+class GradientLineScan:
     """The loss and gradient along ``w - s g`` at one training step.
 
     Tensors are float64 on the CPU; ``nan``/``inf`` mark points where the loss diverged.
@@ -136,7 +141,7 @@ class LandscapeProbe:
 
 
 def _band(t: Tensor) -> tuple[float, float]:
-    # torch.amin/amax propagate nan, as documented on LandscapeProbe.
+    # torch.amin/amax propagate nan, as documented on GradientLineScan.
     return float(torch.amin(t)), float(torch.amax(t))
 
 
@@ -186,7 +191,7 @@ def probe_along_gradient(
     loss: Optional[Union[float, Tensor]] = None,
     vectorize: Vectorize = "auto",
     chunk_size: Optional[int] = None,
-) -> LandscapeProbe:
+) -> GradientLineScan:
     """Loss band, gradient predictiveness and β_eff along the gradient at ``w``.
 
     With ``g = ∇L(w)``, for each step size ``s``: ``L(w - s g)`` and
@@ -211,7 +216,7 @@ def probe_along_gradient(
         chunk_size: with ``vmap``, evaluate at most this many points at once (bounds memory).
 
     Returns:
-        A :class:`LandscapeProbe`.
+        A :class:`GradientLineScan`.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 10.0], dtype=torch.float64))
@@ -231,7 +236,7 @@ def probe_along_gradient(
     if grad is None:
         loss0_t, g = loss_and_grad(f, params)
     else:
-        _check_keys("grad", grad, params)
+        check_keys("grad", grad, params)
         g = {k: grad[k].detach() for k in params}
         if loss is None:
             with torch.no_grad():
@@ -272,7 +277,7 @@ def probe_along_gradient(
         beta = float(torch.amax(diffs[nz] / (steps[nz].abs() * grad_norm)))
     else:
         beta = math.nan
-    return LandscapeProbe(
+    return GradientLineScan(
         step_sizes=steps,
         loss0=loss0,
         grad_norm=grad_norm,
@@ -295,7 +300,7 @@ def probe_model_along_gradient(
     loss: Optional[Union[float, Tensor]] = None,
     vectorize: Vectorize = "auto",
     chunk_size: Optional[int] = None,
-) -> LandscapeProbe:
+) -> GradientLineScan:
     """:func:`probe_along_gradient` for the batch loss of ``model``; the model is left unchanged.
 
     The loss is ``loss_fn(model(x), y)`` as a function of the trainable parameters, built by
@@ -317,7 +322,7 @@ def probe_model_along_gradient(
         chunk_size: see :func:`probe_along_gradient`.
 
     Returns:
-        A :class:`LandscapeProbe`.
+        A :class:`GradientLineScan`.
 
     Example:
         >>> probe = probe_model_along_gradient(model, (x, y), nn.functional.cross_entropy,
@@ -338,3 +343,106 @@ def probe_model_along_gradient(
             vectorize=vectorize,
             chunk_size=chunk_size,
         )
+
+
+# --------------------------------------------------------------------------------------------
+# relative loss of one step (Bjorck et al.)
+
+
+def relative_loss_of(f: LossClosure, params: dict[str, Tensor], alphas: Any, *, vectorize: Vectorize = "auto") -> Tensor:
+    """The relative loss of one gradient step, ``L(w - α ∇L(w)) / L(w)``, for each ``α``.
+
+    Above 1 the step of size ``α`` increases the loss (Bjorck et al.: without BN this happens
+    once ``α`` exceeds about 1e-3; with BN only at much larger ``α``).
+
+    Args:
+        f: loss closure of a parameter dict, ``f(params) -> scalar``.
+        params: the point ``w`` (a dict of tensors; not modified).
+        alphas: step sizes ``α`` (a sequence or 1-D tensor).
+        vectorize: ``True``: evaluate all ``α`` in one ``torch.func.vmap`` call; ``False``: loop;
+            ``"auto"``: vmap, looping if vmap fails (random ops, data-dependent control flow).
+
+    Returns:
+        ``[len(alphas)]`` float64 tensor on the CPU (``inf``/``nan`` where the loss diverged).
+
+    Raises:
+        UserError: no step size, or a non-finite one.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([1.0, 10.0]))
+        >>> f = lambda p: 0.5 * p["w"] @ A @ p["w"]
+        >>> relative_loss_of(f, {"w": torch.ones(2)}, [0.01, 0.1, 0.3])
+
+    Reference:
+        Bjorck, Gomes, Selman, Weinberger, "Understanding Batch Normalization", NeurIPS 2018,
+        figure 2 (relative loss against step size).
+    """
+    a = torch.as_tensor(alphas, dtype=torch.float64).detach().cpu().reshape(-1)
+    if a.numel() == 0:
+        raise UserError("alphas must hold at least one step size")
+    if not torch.isfinite(a).all():
+        raise UserError(f"alphas must be finite, got {a.tolist()}")
+    grads, loss0 = torch.func.grad_and_value(f)(params)
+    ref = next(iter(params.values()))
+    a = a.to(device=ref.device, dtype=ref.dtype)
+
+    def at(alpha: Tensor) -> Tensor:
+        return f({k: p - alpha * grads[k] for k, p in params.items()})
+
+    vals = None
+    if vectorize is not False:
+        try:
+            vals = torch.func.vmap(at)(a)
+        except (RuntimeError, NotImplementedError):
+            if vectorize is True:
+                raise
+    if vals is None:
+        vals = torch.stack([at(a[j]) for j in range(a.numel())])
+    return (vals.detach().double() / loss0.detach().double()).cpu()
+
+
+def relative_loss(
+    model: nn.Module,
+    batch: tuple[Tensor, Tensor],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    alphas: Any,
+    *,
+    train_mode: bool = True,
+    vectorize: Vectorize = "auto",
+) -> Tensor:
+    """``L_B(w - α ∇L_B(w)) / L_B(w)`` of ``model`` on one batch for each ``α``; the model is unchanged.
+
+    ``L_B(w) = loss_fn(model(x; w), y)`` on the same batch ``(x, y)`` at every point, the closure
+    of :func:`bnlab.curvature.model_loss_closure`. With ``train_mode`` (default) the loss is
+    taken in training mode whatever the model's current mode: BatchNorm normalizes with the
+    statistics of the batch under the weights being evaluated (``w`` or ``w - α g``), as during
+    training; its running statistics are neither used nor updated. Parameters, buffers,
+    ``.grad``, every module's training flag and the RNG state are the same afterwards. Frozen
+    parameters (``requires_grad=False``) do not move. Stochastic layers (dropout in train mode)
+    draw a new mask at every evaluation and cannot run under ``vmap`` (``"auto"`` then loops);
+    use ``train_mode=False`` on a model in eval mode to measure without them.
+
+    Args:
+        model: the network.
+        batch: ``(x, y)``.
+        loss_fn: ``loss_fn(logits, y) -> scalar``, e.g. ``F.cross_entropy``.
+        alphas: step sizes ``α``.
+        train_mode: evaluate in training mode (BN batch statistics); ``False`` keeps the model's
+            current modes.
+        vectorize: see :func:`relative_loss_of`.
+
+    Returns:
+        ``[len(alphas)]`` float64 CPU tensor.
+
+    Example:
+        >>> net = models.make("convnet", norm="bn", in_shape=(1, 8, 8), num_classes=10, seed=0)
+        >>> relative_loss(net, (x, y), F.cross_entropy, torch.logspace(-4, 1, 11))
+
+    Reference:
+        Bjorck et al., NeurIPS 2018, section 3 and figure 2.
+    """
+    with model_state_preserved(model):
+        if train_mode:
+            model.train()
+        f, params = model_loss_closure(model, batch, loss_fn)
+        return relative_loss_of(f, params, alphas, vectorize=vectorize)

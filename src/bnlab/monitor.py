@@ -44,7 +44,8 @@ class Monitor:
         optimizer: its optimizer (probes read learning rates from it); may be ``None``.
         probes: the probes to run.
         log: where finished records go: a list (appended), a callable ``log(record)``, an object
-            with ``.write(record)``, or ``None``.
+            with ``.append_metrics(record)`` (a :class:`bnlab.runs.RunDir`) or ``.write(record)``,
+            or ``None``.
         loss_fn: handed to probes that need to evaluate the loss themselves.
     """
 
@@ -191,6 +192,8 @@ class Monitor:
             return
         if isinstance(log, list):
             log.append(record)
+        elif hasattr(log, "append_metrics"):
+            log.append_metrics(record)
         elif hasattr(log, "write"):
             log.write(record)
         else:

@@ -69,3 +69,79 @@ def learning_curves(arms: list[dict], path: Path, *, title: str = "") -> Path:
         if title:
             fig.suptitle(title)
         return save(fig, path)
+
+
+def accuracy_vs_lr(ax, series: list[dict], *, chance: float | None = 0.1, xlabel: str = "learning rate",
+                   marks: Iterable[tuple[float, str]] = (), title: str = "") -> None:
+    """Final test accuracy against the learning rate on ``ax``, one line per series, divergence marked.
+
+    Args:
+        ax: a matplotlib axis.
+        series: dicts with ``label``, ``lrs``, ``acc`` (fractions; NaN for a diverged run is
+            drawn at the bottom), optionally ``diverged`` (booleans per point), ``norm`` (colour),
+            ``linestyle``, ``spread`` (± half-width per point, fractions: an error band).
+        chance: a dashed line at chance accuracy (``None``: none).
+        xlabel: the x-axis label.
+        marks: ``(lr, text)`` vertical dotted lines (e.g. the small and the large LR).
+        title: the axis title.
+    """
+    for i, s in enumerate(series):
+        c = color_for(s.get("norm", ""), i)
+        order = np.argsort(np.asarray(s["lrs"], float))
+        lrs = np.asarray(s["lrs"], float)[order]
+        acc = 100 * np.asarray(s["acc"], float)[order]
+        ax.plot(lrs, np.where(np.isfinite(acc), acc, 2.0), color=c, ls=s.get("linestyle", "-"), marker="o", ms=4,
+                label=s["label"])
+        if s.get("spread") is not None:
+            half = 100 * np.asarray(s["spread"], float)[order]
+            ax.fill_between(lrs, acc - half, acc + half, color=c, alpha=0.15, lw=0)
+        div = np.asarray(s.get("diverged") or [False] * len(lrs), bool)[order]
+        if div.any():
+            ax.plot(lrs[div], np.where(np.isfinite(acc[div]), acc[div], 2.0), ls="none", marker="x", ms=9, mew=2, color=c,
+                    label=f"{s['label']}: diverged")
+    if chance is not None:
+        ax.axhline(100 * chance, color="grey", lw=0.8, ls="--")
+        ax.text(0.01, 100 * chance + 1, "chance", transform=ax.get_yaxis_transform(), color="grey", fontsize=7)
+    for lr, text in marks:
+        ax.axvline(lr, color="grey", lw=0.6, ls=":")
+        ax.text(lr, 101, text, ha="center", va="bottom", fontsize=7, color="grey")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 105)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("final test accuracy (%)")
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def heatmap(ax, fig, m, x, *, title: str = "", xlabel: str = "", ylabel: str = "layer (0 = first)",
+            cmap: str = "viridis", log_floor: float | None = None, colorbar_label: str = "") -> None:
+    """A matrix ``m`` (columns: the points ``x``, rows: e.g. layers) as an image with a colour bar.
+
+    Args:
+        ax, fig: matplotlib axis and its figure.
+        m: array of shape ``(len(x), rows)``; non-finite entries are drawn light grey.
+        x: the column coordinates (tick labels, ``%g``).
+        log_floor: if given, draw ``log10(max(m, log_floor))`` (and say so on the colour bar).
+    """
+    import matplotlib as mpl
+
+    cm = mpl.colormaps[cmap].with_extremes(bad="lightgrey")
+    mm = np.asarray(m, float).T
+    label = colorbar_label
+    if log_floor is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mm = np.log10(np.maximum(mm, log_floor))
+        label = label or f"log10 (floored at {log_floor:g})"
+    im = ax.imshow(np.ma.masked_invalid(mm), aspect="auto", origin="lower", cmap=cm, interpolation="nearest")
+    n = len(x)
+    ticks = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([f"{x[t]:g}" for t in ticks], fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=8)
+    ax.grid(False)
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    cb.set_label(label, fontsize=7)
+    cb.ax.tick_params(labelsize=7)

@@ -7,12 +7,11 @@ rerun reuses every complete run with the same configuration hash, so an interrup
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from .errors import UserError
-from .experiments import EXPERIMENTS, PROFILES, get_experiment, run_experiment
+from .experiments import EXPERIMENTS, PROFILES, get_experiment, run_experiment, verdict_rows
 from .report import build
 
 
@@ -61,7 +60,7 @@ def reproduce(
             run, reused = run_experiment(name, profile=profile, out=out, force=force, device=device, progress=progress,
                                          single_thread=single_thread)
             seconds = time.perf_counter() - t0
-            for v in run.read_json("verdicts.json"):
+            for v in verdict_rows(run):
                 rows.append({**v, "experiment": name, "reused": reused, "seconds": seconds, "run": str(run.path)})
             if bar is not None:
                 bar.update(1)
@@ -79,8 +78,9 @@ def format_table(rows: list[dict]) -> str:
             return f"{v:.4g}"
         return "—" if v is None else str(v)
 
-    head = ("claim", "source", "verdict", "key number")
-    body = [(f"{r['experiment']}/{r['id']}", r["source"], r["status"].upper() if r["status"] == "fails" else r["status"], fmt(r["value"])) for r in rows]
-    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(4)]
+    head = ("claim", "source", "verdict", "key number", "rule")
+    body = [(f"{r['experiment']}/{r['id']}", r["source"], r["status"].upper() if r["status"] == "fails" else r["status"],
+             fmt(r["value"]), r.get("rule", "")) for r in rows]
+    widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
     line = lambda cols: "  ".join(str(c).ljust(w) for c, w in zip(cols, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])

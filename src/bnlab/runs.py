@@ -111,8 +111,8 @@ class RunDir:
         return None
 
     # -------------------------------------------------------------- writing
-    def write(self, record: dict) -> None:
-        """Append one metrics record (a JSON line) to the streaming metrics file."""
+    def append_metrics(self, record: dict) -> None:
+        """Append one metrics record (a JSON line) to the streaming metrics file (flushed per line)."""
         if self._metrics is None:
             self._metrics = open(self.path / "metrics.jsonl.partial", "a", encoding="utf-8")
         self._metrics.write(json.dumps(record, default=to_jsonable, allow_nan=True, separators=(",", ":")) + "\n")
@@ -148,18 +148,20 @@ class RunDir:
         d.mkdir(exist_ok=True)
         return d / name
 
-    def finish(self, summary: dict) -> None:
-        """Close the metrics stream, write summary.json, then the ``complete`` marker (last)."""
-        self._close_metrics()
+    def finish(self, summary: Optional[dict] = None) -> None:
+        """Close the metrics stream, write ``summary`` (if given) as summary.json, then the ``complete`` marker (last)."""
+        self.close_metrics()
         partial = self.path / "metrics.jsonl.partial"
         if partial.exists():
             os.replace(partial, self.path / "metrics.jsonl")
         elif not (self.path / "metrics.jsonl").exists():
             atomic_write_text(self.path / "metrics.jsonl", "")
-        atomic_write_json(self.path / "summary.json", summary)
+        if summary is not None:
+            atomic_write_json(self.path / "summary.json", summary)
         atomic_write_text(self.path / COMPLETE, time.strftime("%Y-%m-%dT%H:%M:%S%z") + "\n")
 
-    def _close_metrics(self) -> None:
+    def close_metrics(self) -> None:
+        """Close the streaming metrics file (idempotent); :meth:`append_metrics` reopens it."""
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None

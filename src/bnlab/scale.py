@@ -16,11 +16,16 @@ This module:
 * :func:`check_scale_invariance` measures the lemma on given groups;
 * :func:`split_param_groups` builds optimizer parameter groups with a separate LR for the
   scale-invariant weights (the theorem's setting);
-* :func:`effective_lr`, :func:`angular_update`, :func:`norm_identity_residual` are the pure math.
+* :func:`effective_lr`, :func:`angle_between`, :func:`norm_identity_residual` are the pure math;
+* :func:`compare_trajectories` measures how far two runs are apart in direction (e.g. a
+  weight-decay run and its exponential-LR equivalent, :mod:`bnlab.schedules`);
+* :func:`make_fully_scale_invariant` freezes what is not scale-invariant (Li & Arora's setting).
 
 Reference:
     S. Arora, Z. Li, K. Lyu. Theoretical Analysis of Auto Rate-Tuning by Batch Normalization.
     ICLR 2019. https://arxiv.org/abs/1812.03981
+    Z. Li, S. Arora. An Exponential Learning Rate Schedule for Deep Learning. ICLR 2020.
+    https://arxiv.org/abs/1910.07454 (fully scale-invariant networks, comparing runs).
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
+from torch import nn
 
 from .errors import UserError, check_positive
+from .functional import stateless_call
 
 __all__ = [
     "PER_CHANNEL_SUFFIX",
@@ -42,8 +49,10 @@ __all__ = [
     "check_scale_invariance",
     "split_param_groups",
     "effective_lr",
-    "angular_update",
+    "angle_between",
     "norm_identity_residual",
+    "compare_trajectories",
+    "make_fully_scale_invariant",
 ]
 
 #: Appended to the parameter name of a group that is invariant per output channel.
@@ -626,37 +635,63 @@ def effective_lr(lr, weight_norm):
     return lr / weight_norm**2
 
 
-def angular_update(w_before: torch.Tensor, w_after: torch.Tensor) -> float:
-    """Angle between two weight tensors, in radians: ``Δ = ∠(w_t, w_{t+1})``.
+def angle_between(a, b) -> float:
+    """The angle between two tensors (or two lists of tensors, as if concatenated), in radians.
 
-    Mathematically ``Δ = arccos(⟨u, v⟩ / (‖u‖ ‖v‖))``; computed in float64 as
-    ``Δ = 2 · atan2(‖û - v̂‖, ‖û + v̂‖)`` with ``û = u/‖u‖``, ``v̂ = v/‖v‖``, which stays accurate
+    Mathematically ``θ = arccos(⟨a, b⟩ / (‖a‖ ‖b‖))``; computed in float64 as
+    ``θ = 2 · atan2(‖â - b̂‖, ‖â + b̂‖)`` with ``â = a/‖a‖``, ``b̂ = b/‖b‖``, which stays accurate
     for tiny angles (where ``arccos`` of a rounded cosine loses half the digits) and near ``π``.
+    With lists, the tensors are flattened and taken jointly without concatenating them.
+
+    Convention (the one bnlab uses everywhere): two zero tensors give ``0.0`` (nothing to turn,
+    e.g. BN biases fixed at 0); one zero tensor, or a non-finite one, gives ``nan`` (undefined).
 
     Args:
-        w_before: ``w_t`` (any shape; flattened), nonzero.
-        w_after: ``w_{t+1}``, same number of elements, nonzero.
+        a: a tensor, or a list of tensors (e.g. ``w_t`` per parameter).
+        b: the same, with as many elements (per tensor, for lists).
 
     Returns:
-        The angle in ``[0, π]`` as a float.
+        ``θ`` in ``[0, π]``, or ``nan`` as above.
+
+    Raises:
+        UserError: different sizes.
 
     Example:
-        >>> angular_update(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))  # π/4
+        >>> angle_between(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]))  # π/4
         0.7853981633974483
+        >>> angle_between(torch.zeros(2), torch.zeros(2))
+        0.0
 
     Reference:
-        Arora, Li, Lyu (ICLR 2019); W. Kahan, "How futile are mindless assessments of roundoff"
-        (2006), for the atan2 form.
+        Arora, Li, Lyu (ICLR 2019) (the angular update ``∠(w_t, w_{t+1})``); W. Kahan, "How futile are
+        mindless assessments of roundoff in floating-point computation?" (2006), for the atan2 form.
     """
-    u = torch.as_tensor(w_before).detach().reshape(-1).to(torch.float64)
-    v = torch.as_tensor(w_after).detach().reshape(-1).to(torch.float64).to(u.device)
-    if u.numel() != v.numel():
-        raise UserError(f"angular_update needs tensors of the same size, got {u.numel()} and {v.numel()} elements")
-    nu, nv = u.norm(), v.norm()
-    if not (float(nu) > 0 and float(nv) > 0 and math.isfinite(float(nu)) and math.isfinite(float(nv))):
-        raise UserError(f"the angle needs nonzero finite tensors, got norms {float(nu)!r} and {float(nv)!r}")
-    u, v = u / nu, v / nv
-    return float(2.0 * torch.atan2((u - v).norm(), (u + v).norm()))
+    xs = [a] if isinstance(a, torch.Tensor) else list(a)
+    ys = [b] if isinstance(b, torch.Tensor) else list(b)
+    if len(xs) != len(ys) or any(x.numel() != y.numel() for x, y in zip(xs, ys)):
+        raise UserError(f"angle_between needs tensors of the same sizes, got {[x.numel() for x in xs]} and "
+                        f"{[y.numel() for y in ys]} elements")
+    us = [x.detach().reshape(-1).to(torch.float64) for x in xs]
+    vs = [y.detach().reshape(-1).to(device=u.device, dtype=torch.float64) for u, y in zip(us, ys)]
+    if len(us) == 1:  # one tensor: torch's norms (the list form below sums the same terms in another order)
+        u, v = us[0], vs[0]
+        nu, nv = float(u.norm()), float(v.norm())
+    else:
+        nu = math.sqrt(sum(float(torch.sum(u * u)) for u in us))
+        nv = math.sqrt(sum(float(torch.sum(v * v)) for v in vs))
+    if nu == 0 and nv == 0:
+        return 0.0
+    if not (nu > 0 and nv > 0 and math.isfinite(nu) and math.isfinite(nv)):
+        return math.nan
+    if len(us) == 1:
+        u, v = u / nu, v / nv
+        return float(2.0 * torch.atan2((u - v).norm(), (u + v).norm()))
+    diff2 = sum2 = 0.0
+    for u, v in zip(us, vs):
+        u, v = u / nu, v / nv
+        diff2 += float(torch.sum((u - v) ** 2))
+        sum2 += float(torch.sum((u + v) ** 2))
+    return 2.0 * math.atan2(math.sqrt(diff2), math.sqrt(sum2))
 
 
 def norm_identity_residual(norm_sq_before, norm_sq_after, lr, grad_norm_sq):
@@ -684,3 +719,193 @@ def norm_identity_residual(norm_sq_before, norm_sq_after, lr, grad_norm_sq):
         Arora, Li, Lyu (ICLR 2019), Lemma 2.4 and its consequence ‖w_{t+1}‖² = ‖w_t‖² + η²‖g_t‖².
     """
     return norm_sq_after - norm_sq_before - lr**2 * grad_norm_sq
+
+
+# --------------------------------------------------------------------------- comparing runs
+
+
+def _named_tensors(model: nn.Module, params, which: str) -> list[tuple[str, torch.Tensor]]:
+    if params is None:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    elif isinstance(params, Mapping):
+        named = [(str(n), p) for n, p in params.items()]
+    else:
+        named = [(str(i), p) for i, p in enumerate(params)]
+    if not named:
+        raise UserError(f"no parameters to compare in {which} (pass params_{which[-1]} or unfreeze some)")
+    return named
+
+
+def _outputs_max_diff(a: Any, b: Any) -> float:
+    if isinstance(a, torch.Tensor):
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            raise UserError("the two models' outputs differ in type or shape")
+        if a.numel() == 0:
+            return 0.0
+        return float((a.detach().to(torch.float64) - b.detach().to(torch.float64).to(a.device)).abs().max())
+    if isinstance(a, Mapping):
+        return max((_outputs_max_diff(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, (tuple, list)):
+        return max((_outputs_max_diff(x, y) for x, y in zip(a, b)), default=0.0)
+    raise UserError(f"cannot compare model outputs of type {type(a).__name__}; accepted: tensors, tuples, dicts")
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _forward_preserving_state(model: nn.Module, batch: Any, rng_devices: list) -> Any:
+    """Run the model on the batch without changing it (cloned buffers, RNG restored), under no_grad."""
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if isinstance(x, torch.Tensor):
+        x = x.to(_device_of(model))
+    with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
+        return stateless_call(model, x, preserve_rng=False)
+
+
+def compare_trajectories(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    *,
+    params_a=None,
+    params_b=None,
+    batch: Any = None,
+) -> dict:
+    """How far two runs are apart in direction (and, given a batch, in output).
+
+    For each pair of parameter tensors the angle ``∠(a, b) = 2 atan2(‖â - b̂‖, ‖â + b̂‖)`` between
+    the normalized weights, and the same for all of them concatenated. For scale-invariant
+    parameters only the directions matter, so two equivalent runs (e.g. weight decay and
+    :class:`bnlab.schedules.ExpLR`) have all angles ≈ 0 although their norms differ by ``α^{-t}``.
+
+    Args:
+        model_a, model_b: the two models (same architecture).
+        params_a, params_b: the tensors to compare, as a list (paired by position) or a dict
+            ``name -> tensor``; default: each model's parameters with ``requires_grad``.
+        batch: optional input tensor, or a tuple/list whose first element is the input. Both models
+            are run on it in their current mode (train or eval) under ``no_grad``, each from the
+            same RNG state; their buffers (BatchNorm statistics) and the RNG state are restored,
+            so the models are left exactly as they were.
+
+    Returns:
+        ``{"per_param": {name: angle}, "overall": angle, "max_abs_output_diff": float | None}``
+        with angles in radians (names from ``params_a``/``model_a``); the angle of two zero tensors
+        is 0, and NaN when only one is zero or a tensor is not finite (a diverged run).
+
+    Raises:
+        UserError: different numbers or sizes of tensors, incomparable outputs.
+    """
+    named_a = _named_tensors(model_a, params_a, "model_a")
+    named_b = _named_tensors(model_b, params_b, "model_b")
+    if len(named_a) != len(named_b):
+        raise UserError(f"model_a has {len(named_a)} tensors to compare but model_b has {len(named_b)}")
+    per: dict[str, float] = {}
+    for (name, a), (_, b) in zip(named_a, named_b):
+        if a.shape != b.shape:
+            raise UserError(f"parameter {name!r} has shape {tuple(a.shape)} in model_a but {tuple(b.shape)} in model_b")
+        per[name] = angle_between(a, b)
+    cat_a = torch.cat([a.detach().reshape(-1).to(torch.float64).cpu() for _, a in named_a])
+    cat_b = torch.cat([b.detach().reshape(-1).to(torch.float64).cpu() for _, b in named_b])
+    result: dict[str, Any] = {"per_param": per, "overall": angle_between(cat_a, cat_b), "max_abs_output_diff": None}
+    if batch is not None:
+        devices = sorted({d for m in (model_a, model_b) for d in [_device_of(m)] if d.type == "cuda"}, key=str)
+        rng_devices = [d.index if d.index is not None else 0 for d in devices]
+        out_a = _forward_preserving_state(model_a, batch, rng_devices)
+        out_b = _forward_preserving_state(model_b, batch, rng_devices)
+        result["max_abs_output_diff"] = _outputs_max_diff(out_a, out_b)
+    return result
+
+
+# --------------------------------------------------------------------------- making a net fully scale-invariant
+
+# The normalization layers a trained weight may feed (without RMSNorm, unlike _NORM_TYPES above).
+_FEEDS_NORM_TYPES: tuple[type, ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+_WEIGHT_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def make_fully_scale_invariant(model: nn.Module) -> list[nn.Parameter]:
+    """Freeze what is not scale-invariant so the loss is scale-invariant in all trained parameters.
+
+    The setting of Li & Arora's experiments (needed for :class:`bnlab.schedules.ExpLR` and
+    :class:`bnlab.schedules.TEXP` to be
+    exact): every normalization layer's affine parameters are fixed to ``weight = 1``,
+    ``bias = 0`` with ``requires_grad = False``; the last ``nn.Linear`` (the classifier) is frozen
+    as it is; every other ``nn.Linear``/``nn.Conv*`` must feed a normalization layer and have no
+    trainable bias (BN would remove it anyway, and a trained bias breaks nothing but the check).
+    Then ``L(c w) = L(w)`` for the remaining trained weights ``w`` jointly (exactly with BN's
+    ``eps = 0``; BN's ``eps`` makes it approximate at small norms).
+
+    "Feeds" is decided by inspection: modules are visited in registration order
+    (``model.modules()``), which is the forward order for ``nn.Sequential`` and for most networks;
+    the next Linear/Conv/normalization module after a Linear/Conv must be a normalization layer
+    (BatchNorm, InstanceNorm, GroupNorm or LayerNorm). Verify unusual networks numerically (e.g.
+    with :func:`check_scale_invariance`).
+
+    Args:
+        model: any ``nn.Module``; modified in place.
+
+    Returns:
+        The parameters that still require gradients (in ``model.parameters()`` order): pass them
+        to the optimizer.
+
+    Raises:
+        UserError: a Linear/Conv with a trainable bias before a normalization layer, one not
+            followed by a normalization layer, or trainable parameters in other module types.
+
+    Reference:
+        Li & Arora (ICLR 2020), Sec. 5 (fixed BN affine parameters, fixed last layer).
+    """
+    named = list(model.named_modules())
+    linears = [m for _, m in named if isinstance(m, nn.Linear)]
+    last_linear = linears[-1] if linears else None
+    with torch.no_grad():
+        for _, module in named:
+            if isinstance(module, _FEEDS_NORM_TYPES):
+                for pname, value in (("weight", 1.0), ("bias", 0.0)):
+                    p = getattr(module, pname, None)
+                    if isinstance(p, nn.Parameter):
+                        p.fill_(value)
+                        p.requires_grad_(False)
+        if last_linear is not None:
+            for p in last_linear.parameters(recurse=False):
+                p.requires_grad_(False)
+    order = [(name, m) for name, m in named if isinstance(m, _WEIGHT_TYPES + _FEEDS_NORM_TYPES)]
+    for k, (name, module) in enumerate(order):
+        if not isinstance(module, _WEIGHT_TYPES) or module is last_linear:
+            continue
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
+            continue  # frozen already: not trained, nothing to check
+        following = order[k + 1][1] if k + 1 < len(order) else None
+        label = name or type(module).__name__
+        if not isinstance(following, _FEEDS_NORM_TYPES):
+            raise UserError(
+                f"{label} ({type(module).__name__}) is not followed by a normalization layer, so its weight "
+                "is not scale-invariant; accepted: every Linear/Conv except the last Linear feeds a "
+                "BatchNorm/GroupNorm/LayerNorm/InstanceNorm"
+            )
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, nn.Parameter) and bias.requires_grad:
+            raise UserError(
+                f"{label} has a trainable bias before a normalization layer; accepted: bias=False "
+                "(or a frozen bias)"
+            )
+    known = {id(m) for _, m in order}
+    for name, module in named:
+        if id(module) in known:
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                full = f"{name}.{pname}" if name else pname
+                raise UserError(
+                    f"parameter {full} of {type(module).__name__} is trained but not known to be "
+                    "scale-invariant; accepted: Linear/Conv weights before normalization layers "
+                    "(freeze the others)"
+                )
+    return [p for p in model.parameters() if p.requires_grad]

@@ -61,6 +61,10 @@ quantity PyTorch computes from the rescaled state when the loss is computed scal
 joint norm leaves ``[ref/B, ref·B]`` (``ref`` = initial norm, ``B = renorm_bound``), keeping an
 exponential schedule inside float32's range indefinitely.
 
+Making a network fully scale-invariant (:func:`bnlab.scale.make_fully_scale_invariant`) and
+measuring how far two runs are apart in direction (:func:`bnlab.scale.compare_trajectories`) are in
+:mod:`bnlab.scale`.
+
 Reference:
     Z. Li, S. Arora. An Exponential Learning Rate Schedule for Deep Learning. ICLR 2020.
     https://arxiv.org/abs/1910.07454 (Theorem 2.1 and the TEXP schedule, Sec. 4; the buffer
@@ -71,10 +75,9 @@ Reference:
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
-from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from .errors import UserError
@@ -87,9 +90,7 @@ __all__ = [
     "step_decay_lr",
     "ExpLR",
     "TEXP",
-    "angle_between",
-    "compare_trajectories",
-    "make_fully_scale_invariant",
+    "check_hparams",
 ]
 
 # math.pow is used directly while |exponent · log2(base)| stays below this (no overflow);
@@ -100,7 +101,24 @@ _DIRECT_POW_LOG2 = 960.0
 # --------------------------------------------------------------------------- validation
 
 
-def _check_hparams(lr: float, weight_decay: float, momentum: float) -> tuple[float, float, float]:
+def check_hparams(lr: float, weight_decay: float, momentum: float) -> tuple[float, float, float]:
+    """Validate SGD hyperparameters ``(η, λ, γ)``: finite numbers, ``η > 0``, ``λ >= 0``, ``0 <= γ < 1``.
+
+    Args:
+        lr: ``η``.
+        weight_decay: ``λ``.
+        momentum: ``γ``.
+
+    Returns:
+        ``(lr, weight_decay, momentum)`` as floats.
+
+    Raises:
+        UserError: a value that is not a finite number (or is a bool), or is out of range.
+
+    Example:
+        >>> check_hparams(0.1, 5e-4, 0.9)
+        (0.1, 0.0005, 0.9)
+    """
     for name, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UserError(f"{name} must be a finite number, got {value!r}")
@@ -114,7 +132,7 @@ def _check_hparams(lr: float, weight_decay: float, momentum: float) -> tuple[flo
 
 
 def _alpha(lr: float, weight_decay: float, momentum: float) -> float:
-    lr, weight_decay, momentum = _check_hparams(lr, weight_decay, momentum)
+    lr, weight_decay, momentum = check_hparams(lr, weight_decay, momentum)
     x, g = lr * weight_decay, momentum
     # Discriminant of x² - (1+γ-ηλ)x + γ, written without the cancellation of (1+γ)² - 4γ.
     disc = (1.0 - g) ** 2 - x * (2.0 * (1.0 + g) - x)
@@ -213,7 +231,7 @@ class _Phase:
 
 def _make_phases(lr_phases, weight_decay, momentum) -> list[_Phase]:
     phases = _check_phases(lr_phases)
-    _check_hparams(phases[0][1], weight_decay, momentum)
+    check_hparams(phases[0][1], weight_decay, momentum)
     return [_Phase(start, lr, weight_decay, momentum) for start, lr in phases]
 
 
@@ -587,7 +605,7 @@ class ExpLR(_WDEquivalentSchedule):
     ``w_t``, and :meth:`unrescaled_lr` ``η̃_t``.
 
     Assumptions: the loss is scale-invariant in all parameters the scheduler manages, jointly
-    (see :func:`make_fully_scale_invariant`; BatchNorm's ``eps`` makes it approximate); one shared
+    (see :func:`bnlab.scale.make_fully_scale_invariant`; BatchNorm's ``eps`` makes it approximate); one shared
     ``(η, λ, γ)``; ``dampening = 0``; no Nesterov. Call ``scheduler.step()`` after every
     ``optimizer.step()`` (steps, not epochs).
 
@@ -629,7 +647,7 @@ class ExpLR(_WDEquivalentSchedule):
         params: Optional[Iterable[torch.Tensor]] = None,
         renorm_bound: float = 2.0**8,
     ) -> None:
-        _check_hparams(lr, weight_decay, momentum)
+        check_hparams(lr, weight_decay, momentum)
         self.alpha = _alpha(lr, weight_decay, momentum)
         super().__init__(
             optimizer,
@@ -698,238 +716,3 @@ class TEXP(_WDEquivalentSchedule):
     def alphas(self) -> list[float]:
         """``α_I`` of each phase."""
         return [p.alpha for p in self._phases]
-
-
-# --------------------------------------------------------------------------- comparing runs
-
-
-def angle_between(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Angle between two tensors (flattened), in radians, accurate for tiny angles.
-
-    ``θ = 2 · atan2(‖â - b̂‖, ‖â + b̂‖)`` with ``â = a/‖a‖``, ``b̂ = b/‖b‖``, computed in float64;
-    unlike ``arccos(⟨â, b̂⟩)`` it keeps full relative accuracy near 0 (and near π).
-
-    Args:
-        a: a nonzero tensor.
-        b: a nonzero tensor with as many elements.
-
-    Returns:
-        ``θ`` in ``[0, π]``.
-
-    Raises:
-        UserError: zero tensors or different sizes.
-
-    Example:
-        >>> angle_between(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]))
-        1.5707963267948966
-
-    Reference:
-        W. Kahan, "How futile are mindless assessments of roundoff in floating-point computation?"
-        (2006), Sec. 12.
-    """
-    from .scale import angular_update  # one implementation of the stable angle
-
-    return angular_update(a, b)
-
-
-def _angle_or_nan(a: torch.Tensor, b: torch.Tensor) -> float:
-    """:func:`angle_between`, but 0 for two zero tensors (e.g. BN biases fixed at 0) and NaN (undefined)
-    when only one of them is zero or a tensor is not finite."""
-    na = float(a.detach().to(torch.float64).norm())
-    nb = float(b.detach().to(torch.float64).norm())
-    if na == 0 and nb == 0:
-        return 0.0
-    if not (na > 0 and nb > 0 and math.isfinite(na) and math.isfinite(nb)):
-        return math.nan
-    return angle_between(a, b)
-
-
-def _named_tensors(model: nn.Module, params, which: str) -> list[tuple[str, torch.Tensor]]:
-    if params is None:
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    elif isinstance(params, Mapping):
-        named = [(str(n), p) for n, p in params.items()]
-    else:
-        named = [(str(i), p) for i, p in enumerate(params)]
-    if not named:
-        raise UserError(f"no parameters to compare in {which} (pass params_{which[-1]} or unfreeze some)")
-    return named
-
-
-def _outputs_max_diff(a: Any, b: Any) -> float:
-    if isinstance(a, torch.Tensor):
-        if not isinstance(b, torch.Tensor) or a.shape != b.shape:
-            raise UserError("the two models' outputs differ in type or shape")
-        if a.numel() == 0:
-            return 0.0
-        return float((a.detach().to(torch.float64) - b.detach().to(torch.float64).to(a.device)).abs().max())
-    if isinstance(a, Mapping):
-        return max((_outputs_max_diff(a[k], b[k]) for k in a), default=0.0)
-    if isinstance(a, (tuple, list)):
-        return max((_outputs_max_diff(x, y) for x, y in zip(a, b)), default=0.0)
-    raise UserError(f"cannot compare model outputs of type {type(a).__name__}; accepted: tensors, tuples, dicts")
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _forward_preserving_state(model: nn.Module, batch: Any, rng_devices: list) -> Any:
-    """Run the model on the batch without changing it: buffers (BN stats) and RNG are restored."""
-    saved = {name: buf.detach().clone() for name, buf in model.named_buffers()}
-    x = batch[0] if isinstance(batch, (tuple, list)) else batch
-    if isinstance(x, torch.Tensor):
-        x = x.to(_device_of(model))
-    try:
-        with torch.random.fork_rng(devices=rng_devices), torch.no_grad():
-            return model(x)
-    finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                buf.copy_(saved[name])
-
-
-def compare_trajectories(
-    model_a: nn.Module,
-    model_b: nn.Module,
-    *,
-    params_a=None,
-    params_b=None,
-    batch: Any = None,
-) -> dict:
-    """How far two runs are apart in direction (and, given a batch, in output).
-
-    For each pair of parameter tensors the angle ``∠(a, b) = 2 atan2(‖â - b̂‖, ‖â + b̂‖)`` between
-    the normalized weights, and the same for all of them concatenated. For scale-invariant
-    parameters only the directions matter, so two equivalent runs (e.g. weight decay and
-    :class:`ExpLR`) have all angles ≈ 0 although their norms differ by ``α^{-t}``.
-
-    Args:
-        model_a, model_b: the two models (same architecture).
-        params_a, params_b: the tensors to compare, as a list (paired by position) or a dict
-            ``name -> tensor``; default: each model's parameters with ``requires_grad``.
-        batch: optional input tensor, or a tuple/list whose first element is the input. Both models
-            are run on it in their current mode (train or eval) under ``no_grad``, each from the
-            same RNG state; their buffers (BatchNorm statistics) and the RNG state are restored,
-            so the models are left exactly as they were.
-
-    Returns:
-        ``{"per_param": {name: angle}, "overall": angle, "max_abs_output_diff": float | None}``
-        with angles in radians (names from ``params_a``/``model_a``); the angle of two zero tensors
-        is 0, and NaN when only one is zero or a tensor is not finite (a diverged run).
-
-    Raises:
-        UserError: different numbers or sizes of tensors, zero tensors, incomparable outputs.
-    """
-    named_a = _named_tensors(model_a, params_a, "model_a")
-    named_b = _named_tensors(model_b, params_b, "model_b")
-    if len(named_a) != len(named_b):
-        raise UserError(f"model_a has {len(named_a)} tensors to compare but model_b has {len(named_b)}")
-    per: dict[str, float] = {}
-    for (name, a), (_, b) in zip(named_a, named_b):
-        if a.shape != b.shape:
-            raise UserError(f"parameter {name!r} has shape {tuple(a.shape)} in model_a but {tuple(b.shape)} in model_b")
-        per[name] = _angle_or_nan(a, b)
-    cat_a = torch.cat([a.detach().reshape(-1).to(torch.float64).cpu() for _, a in named_a])
-    cat_b = torch.cat([b.detach().reshape(-1).to(torch.float64).cpu() for _, b in named_b])
-    result: dict[str, Any] = {"per_param": per, "overall": _angle_or_nan(cat_a, cat_b), "max_abs_output_diff": None}
-    if batch is not None:
-        devices = sorted({d for m in (model_a, model_b) for d in [_device_of(m)] if d.type == "cuda"}, key=str)
-        rng_devices = [d.index if d.index is not None else 0 for d in devices]
-        out_a = _forward_preserving_state(model_a, batch, rng_devices)
-        out_b = _forward_preserving_state(model_b, batch, rng_devices)
-        result["max_abs_output_diff"] = _outputs_max_diff(out_a, out_b)
-    return result
-
-
-# --------------------------------------------------------------------------- making a net fully scale-invariant
-
-_NORM_TYPES: tuple[type, ...] = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.GroupNorm,
-    nn.LayerNorm,
-)
-_WEIGHT_TYPES: tuple[type, ...] = (nn.Linear, nn.modules.conv._ConvNd)
-
-
-def make_fully_scale_invariant(model: nn.Module) -> list[nn.Parameter]:
-    """Freeze what is not scale-invariant so the loss is scale-invariant in all trained parameters.
-
-    The setting of Li & Arora's experiments (needed for :class:`ExpLR` and :class:`TEXP` to be
-    exact): every normalization layer's affine parameters are fixed to ``weight = 1``,
-    ``bias = 0`` with ``requires_grad = False``; the last ``nn.Linear`` (the classifier) is frozen
-    as it is; every other ``nn.Linear``/``nn.Conv*`` must feed a normalization layer and have no
-    trainable bias (BN would remove it anyway, and a trained bias breaks nothing but the check).
-    Then ``L(c w) = L(w)`` for the remaining trained weights ``w`` jointly (exactly with BN's
-    ``eps = 0``; BN's ``eps`` makes it approximate at small norms).
-
-    "Feeds" is decided by inspection: modules are visited in registration order
-    (``model.modules()``), which is the forward order for ``nn.Sequential`` and for most networks;
-    the next Linear/Conv/normalization module after a Linear/Conv must be a normalization layer
-    (BatchNorm, InstanceNorm, GroupNorm or LayerNorm). Verify unusual networks numerically (e.g.
-    with ``bnlab.scale.check_scale_invariance``).
-
-    Args:
-        model: any ``nn.Module``; modified in place.
-
-    Returns:
-        The parameters that still require gradients (in ``model.parameters()`` order): pass them
-        to the optimizer.
-
-    Raises:
-        UserError: a Linear/Conv with a trainable bias before a normalization layer, one not
-            followed by a normalization layer, or trainable parameters in other module types.
-
-    Reference:
-        Li & Arora (ICLR 2020), Sec. 5 (fixed BN affine parameters, fixed last layer).
-    """
-    named = list(model.named_modules())
-    linears = [m for _, m in named if isinstance(m, nn.Linear)]
-    last_linear = linears[-1] if linears else None
-    with torch.no_grad():
-        for _, module in named:
-            if isinstance(module, _NORM_TYPES):
-                for pname, value in (("weight", 1.0), ("bias", 0.0)):
-                    p = getattr(module, pname, None)
-                    if isinstance(p, nn.Parameter):
-                        p.fill_(value)
-                        p.requires_grad_(False)
-        if last_linear is not None:
-            for p in last_linear.parameters(recurse=False):
-                p.requires_grad_(False)
-    order = [(name, m) for name, m in named if isinstance(m, _WEIGHT_TYPES + _NORM_TYPES)]
-    for k, (name, module) in enumerate(order):
-        if not isinstance(module, _WEIGHT_TYPES) or module is last_linear:
-            continue
-        if not any(p.requires_grad for p in module.parameters(recurse=False)):
-            continue  # frozen already: not trained, nothing to check
-        following = order[k + 1][1] if k + 1 < len(order) else None
-        label = name or type(module).__name__
-        if not isinstance(following, _NORM_TYPES):
-            raise UserError(
-                f"{label} ({type(module).__name__}) is not followed by a normalization layer, so its weight "
-                "is not scale-invariant; accepted: every Linear/Conv except the last Linear feeds a "
-                "BatchNorm/GroupNorm/LayerNorm/InstanceNorm"
-            )
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, nn.Parameter) and bias.requires_grad:
-            raise UserError(
-                f"{label} has a trainable bias before a normalization layer; accepted: bias=False "
-                "(or a frozen bias)"
-            )
-    known = {id(m) for _, m in order}
-    for name, module in named:
-        if id(module) in known:
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                full = f"{name}.{pname}" if name else pname
-                raise UserError(
-                    f"parameter {full} of {type(module).__name__} is trained but not known to be "
-                    "scale-invariant; accepted: Linear/Conv weights before normalization layers "
-                    "(freeze the others)"
-                )
-    return [p for p in model.parameters() if p.requires_grad]

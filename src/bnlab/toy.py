@@ -15,9 +15,10 @@ weight-decay run, ``w̃_t = α^{-t} w_t``, while its norm explodes.
 
 All runs follow PyTorch's SGD convention (``v_t = γ v_{t-1} + g_t + λ w_t``, ``w_{t+1} = w_t - η_t v_t``,
 ``v_{-1} = 0``; the exponential run starts from the mapped buffer ``ṽ_{-1} = -λ/(α-γ) w_0``) in
-numpy ``float64`` or ``float32``. :func:`run_toy` draws the figures of the blog post and measures
-when the directions of the two equivalent runs first differ by more than a tolerance in each
-precision.
+numpy ``float64`` or ``float32``. :func:`simulate` runs them, :func:`toy_numbers` and
+:func:`gradient_residuals` measure, :func:`draw_figures` draws the figures of the blog post, and
+:func:`run_toy` does all three into a directory. The registered experiment ``toy``
+(:mod:`bnlab.experiments.toy`, ``bnlab run toy``) judges the claims T1–T3 on them.
 
 What the deviation shows (the blog saw the two runs drift apart and blamed numerical error): the
 two runs agree to round-off (~1e-16 in float64) for thousands of steps *except* where the
@@ -47,18 +48,27 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .analysis import first_index_over
 from .errors import UserError
-from .schedules import _check_hparams, wd_equivalent_alpha, wd_equivalent_lr
+from .schedules import check_hparams, wd_equivalent_alpha, wd_equivalent_lr
 
 __all__ = [
     "ToyLoss",
     "TOY_LOSS",
     "toy_loss",
     "toy_grad",
+    "check_settings",
     "run_gd",
     "run_exp_lr",
     "direction_deviation",
-    "first_exceedance",
+    "gradient_residuals",
+    "simulate",
+    "toy_numbers",
+    "draw_figures",
+    "plot_surface",
+    "plot_trajectories",
+    "plot_zoom_gif",
+    "plot_deviation",
     "run_toy",
 ]
 
@@ -178,8 +188,51 @@ def _check_run_args(w0, steps, lr, weight_decay, momentum) -> np.ndarray:
         raise UserError(f"w0 must be a finite nonzero point of R^2, got {w0.tolist()}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise UserError(f"steps must be an integer >= 1, got {steps!r}")
-    _check_hparams(lr, weight_decay, momentum)
+    check_hparams(lr, weight_decay, momentum)
     return w0
+
+
+def _check_exp_lr_range(w0: np.ndarray, steps: int, lr: float, weight_decay: float, momentum: float, dtype) -> None:
+    """UserError if the exponential run would overflow ``dtype`` within ``steps`` (see :func:`run_exp_lr`)."""
+    alpha = wd_equivalent_alpha(lr=lr, weight_decay=weight_decay, momentum=momentum)
+    # ‖w̃_T‖² ≈ α^{-2T} ‖w_T‖² and the LR α^{-2T} η must both stay representable (margin 2^16).
+    log_max = math.log(float(np.finfo(dtype).max)) - 16 * math.log(2)
+    growth = -2 * steps * math.log(alpha) + 2 * max(0.0, math.log(float(np.linalg.norm(w0)) + 1.0))
+    if growth + max(0.0, math.log(lr)) > log_max:
+        raise UserError(
+            f"the exponential run overflows {np.dtype(dtype).name} within {steps} steps "
+            f"(alpha^-2T = e^{-2 * steps * math.log(alpha):.0f}); use fewer steps or a smaller lr*weight_decay"
+        )
+
+
+def check_settings(
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.0,
+    w0: Sequence[float] = (-0.7, 0.7),
+    dtype: Any = "float64",
+    frames: int = 48,
+    tol: float = 1e-6,
+) -> None:
+    """Validate the settings of :func:`run_toy` (and of the ``toy`` experiment) without running anything.
+
+    Checks ``w0`` (a finite nonzero point of R²), ``steps >= 1``, ``(lr, weight_decay, momentum)``
+    (:func:`bnlab.schedules.check_hparams`, and that the equivalent exponential schedule exists),
+    ``dtype``, ``frames`` in [2, 60], ``tol > 0``, and that the exponential run stays inside
+    float32's range for ``steps`` steps (both precisions are always run).
+
+    Raises:
+        UserError: the first bad setting, in one line.
+    """
+    w0 = _check_run_args(w0, steps, lr, weight_decay, momentum)
+    _as_dtype(dtype)
+    if isinstance(frames, bool) or not (isinstance(frames, int) and 2 <= frames <= 60):
+        raise UserError(f"frames must be an integer in [2, 60], got {frames!r}")
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
+        raise UserError(f"tol must be > 0, got {tol!r}")
+    _check_exp_lr_range(w0, steps, lr, weight_decay, momentum, np.float32)
 
 
 def _sgd(w0, lrs, *, weight_decay, momentum, buffer0, dtype, loss) -> np.ndarray:
@@ -262,14 +315,7 @@ def run_exp_lr(
     w0 = _check_run_args(w0, steps, lr, weight_decay, momentum)
     dtype = _as_dtype(dtype)
     alpha = wd_equivalent_alpha(lr=lr, weight_decay=weight_decay, momentum=momentum)
-    # ‖w̃_T‖² ≈ α^{-2T} ‖w_T‖² and the LR α^{-2T} η must both stay representable (margin 2^16).
-    log_max = math.log(float(np.finfo(dtype).max)) - 16 * math.log(2)
-    growth = -2 * steps * math.log(alpha) + 2 * max(0.0, math.log(float(np.linalg.norm(w0)) + 1.0))
-    if growth + max(0.0, math.log(lr)) > log_max:
-        raise UserError(
-            f"the exponential run overflows {np.dtype(dtype).name} within {steps} steps "
-            f"(alpha^-2T = e^{-2 * steps * math.log(alpha):.0f}); use fewer steps or a smaller lr*weight_decay"
-        )
+    _check_exp_lr_range(w0, steps, lr, weight_decay, momentum, dtype)
     lrs = [wd_equivalent_lr(t, lr=lr, weight_decay=weight_decay, momentum=momentum) for t in range(steps)]
     buffer0 = None
     if momentum and preset_buffer:
@@ -289,12 +335,6 @@ def direction_deviation(traj_a: np.ndarray, traj_b: np.ndarray) -> np.ndarray:
     return 2.0 * np.arctan2(np.linalg.norm(a - b, axis=-1), np.linalg.norm(a + b, axis=-1))
 
 
-def first_exceedance(values: np.ndarray, tol: float) -> Optional[int]:
-    """First index where ``values > tol`` (or is not finite), ``None`` if never."""
-    bad = ~(np.asarray(values) <= tol)
-    return int(np.argmax(bad)) if bad.any() else None
-
-
 # --------------------------------------------------------------------------- figures
 
 
@@ -304,16 +344,6 @@ def _atomic_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
 
 
-def _save(fig, path: Path, **kwargs) -> None:
-    tmp = _atomic_path(path)
-    try:
-        fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _surface(ax, loss: ToyLoss, lim: float, n: int = 241, cmap: str = "viridis"):
     xs = np.linspace(-lim, lim, n)
     X, Y = np.meshgrid(xs, xs)
@@ -321,10 +351,14 @@ def _surface(ax, loss: ToyLoss, lim: float, n: int = 241, cmap: str = "viridis")
     return ax.imshow(Z, extent=(-lim, lim, -lim, lim), origin="lower", cmap=cmap, alpha=0.9, interpolation="bilinear")
 
 
-def _plot_surface(path: Path, loss: ToyLoss, w0: np.ndarray, dpi: int) -> None:
+def plot_surface(path: Path, loss: ToyLoss, w0: Sequence[float], dpi: int) -> Path:
+    """The loss surface with the field of ``-∇L`` (left) and ``F(θ)`` along the circle (right)."""
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.4), gridspec_kw={"width_ratios": [1, 1.15]})
+    from .plotting import save
+
+    w0 = np.asarray(w0, dtype=np.float64)
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4.4), gridspec_kw={"width_ratios": [1, 1.15]}, dpi=dpi)
     lim = 1.5
     im = _surface(ax, loss, lim)
     fig.colorbar(im, ax=ax, shrink=0.8, label="L(w)")
@@ -347,16 +381,19 @@ def _plot_surface(path: Path, loss: ToyLoss, w0: np.ndarray, dpi: int) -> None:
     ax2.set(xlabel="angle θ (rad)", ylabel="F(θ)", title="loss along the circle (any radius)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path, dpi=dpi)
-    plt.close(fig)
+    return save(fig, path)
 
 
-def _plot_trajectories(path: Path, loss: ToyLoss, runs: dict, alpha: float, dpi: int) -> None:
+def plot_trajectories(path: Path, loss: ToyLoss, runs: dict, alpha: float, dpi: int) -> Path:
+    """The three runs (``runs``: ``no_wd``, ``wd``, ``exp_lr`` trajectories), the exponential one
+    mapped back by ``α^t`` onto the weight-decay run, and their norms and losses against the step."""
     import matplotlib.pyplot as plt
+
+    from .plotting import save
 
     no_wd, wd, exp = runs["no_wd"], runs["wd"], runs["exp_lr"]
     steps = len(wd) - 1
-    fig, axes = plt.subplots(2, 2, figsize=(10, 9))
+    fig, axes = plt.subplots(2, 2, figsize=(10, 9), dpi=dpi)
     ax = axes[0, 0]
     lim = 1.05 * max(np.abs(no_wd).max(), np.abs(wd).max(), 1.0)
     _surface(ax, loss, lim)
@@ -391,11 +428,12 @@ def _plot_trajectories(path: Path, loss: ToyLoss, runs: dict, alpha: float, dpi:
     ax.set(xlabel="step", ylabel="‖w‖ (log)", title="norms (solid) and losses (dotted)")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    _save(fig, path, dpi=dpi)
-    plt.close(fig)
+    return save(fig, path)
 
 
-def _plot_zoom_gif(path: Path, loss: ToyLoss, runs: dict, frames: int, dpi: int) -> None:
+def plot_zoom_gif(path: Path, loss: ToyLoss, runs: dict, frames: int, dpi: int) -> Path:
+    """An animated GIF: the weight-decay run next to the exponential run seen through a view that
+    zooms out by ``‖w̃_t‖/‖w_t‖`` (at most ``frames`` frames, denser early on). Written atomically."""
     import matplotlib.pyplot as plt
     from matplotlib.animation import PillowWriter
 
@@ -445,12 +483,19 @@ def _plot_zoom_gif(path: Path, loss: ToyLoss, runs: dict, frames: int, dpi: int)
         if tmp.exists():
             tmp.unlink()
     plt.close(fig)
+    return path
 
 
-def _plot_deviation(path: Path, devs: dict, firsts: dict, tol: float, ablation: Optional[np.ndarray], dpi: int) -> None:
+def plot_deviation(path: Path, devs: dict, tol: float, ablation: Optional[np.ndarray], dpi: int) -> Path:
+    """The angle between the directions of the two equivalent runs per step (``devs``: one series
+    per precision), log scale, with the first step above ``tol`` marked; ``ablation`` (optional):
+    the float64 series without the momentum-buffer preset."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    from .plotting import save
+
+    firsts = {name: first_index_over(dev, tol) for name, dev in devs.items()}
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=dpi)
     floor = 1e-18  # exact agreement (deviation 0) is drawn at this floor
     colors = {"float32": "tab:red", "float64": "tab:blue"}
     for name, dev in devs.items():
@@ -467,11 +512,210 @@ def _plot_deviation(path: Path, devs: dict, firsts: dict, tol: float, ablation: 
     ax.set(xlabel="step", ylabel="angle between directions (rad)", title="deviation of w/‖w‖ between the two equivalent runs")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    _save(fig, path, dpi=dpi)
-    plt.close(fig)
+    return save(fig, path)
 
 
-# --------------------------------------------------------------------------- the experiment
+# --------------------------------------------------------------------------- measurements
+
+
+def gradient_residuals(
+    loss: ToyLoss = TOY_LOSS,
+    *,
+    radii: Sequence[float] = (1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0, 1e3),
+    angles: int = 64,
+    scales: Sequence[float] = (1e-3, 0.5, 7.0, 1e4),
+) -> dict:
+    """Lemma 1 of Arora, Li, Lyu on the toy: how far ``∇L`` is from ``⟨∇L(w), w⟩ = 0`` and ``∇L(cw) = ∇L(w)/c``.
+
+    ``∇L`` is taken by torch autograd of ``loss`` in float64 (independent of the hand-written
+    :meth:`ToyLoss.grad` the runs use, which is compared to it as well), at the points of a polar
+    grid: every radius in ``radii`` times ``angles`` angles, offset by an irrational fraction of a
+    cell so that no point sits on a critical angle (where ``∇L = 0``).
+
+    Args:
+        loss: the toy loss.
+        radii: the radii of the grid (> 0).
+        angles: angles per radius (>= 1).
+        scales: the factors ``c`` (> 0).
+
+    Returns:
+        ``points`` (how many), ``orthogonality`` = max ``|⟨∇L(w),w⟩| / (‖∇L(w)‖ ‖w‖)``,
+        ``scaling`` = max over ``c`` and points of ``‖c ∇L(cw) - ∇L(w)‖ / ‖∇L(w)‖``,
+        ``analytic_gap`` = max ``‖ToyLoss.grad(w) - ∇L(w)‖ / ‖∇L(w)‖``, and the grid
+        (``radii``, ``angles``, ``scales``). Plain floats; NaN where undefined.
+
+    Example:
+        >>> r = gradient_residuals(radii=(0.5, 2.0), angles=8, scales=(3.0,))
+        >>> r["points"], r["orthogonality"] < 1e-12, r["scaling"] < 1e-12
+        (16, True, True)
+    """
+    import torch
+
+    radii = [float(r) for r in radii]
+    scales = [float(c) for c in scales]
+    if not radii or not all(math.isfinite(r) and r > 0 for r in radii):
+        raise UserError(f"radii must be finite and > 0, got {radii}")
+    if not scales or not all(math.isfinite(c) and c > 0 for c in scales):
+        raise UserError(f"scales must be finite and > 0, got {scales}")
+    if isinstance(angles, bool) or not isinstance(angles, int) or angles < 1:
+        raise UserError(f"angles must be an integer >= 1, got {angles!r}")
+    theta = np.linspace(-np.pi, np.pi, angles, endpoint=False) + (2 * np.pi / angles) * 0.6180339887
+    R, T = np.meshgrid(np.array(radii), theta)
+    pts = np.stack([R * np.cos(T), R * np.sin(T)], axis=-1).reshape(-1, 2)
+
+    def autograd(p: np.ndarray) -> np.ndarray:
+        w = torch.tensor(p, dtype=torch.float64, requires_grad=True)
+        loss(w).sum().backward()
+        return w.grad.numpy()
+
+    g = autograd(pts)
+    gn = np.linalg.norm(g, axis=-1)
+    wn = np.linalg.norm(pts, axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ortho = np.abs((g * pts).sum(-1)) / (gn * wn)
+        scaling = [np.linalg.norm(c * autograd(c * pts) - g, axis=-1) / gn for c in scales]
+        gap = np.linalg.norm(loss.grad(pts) - g, axis=-1) / gn
+
+    def worst(v) -> float:
+        v = np.asarray(v, dtype=np.float64)
+        return float(np.max(v)) if v.size and not np.isnan(v).any() else math.nan
+
+    return {
+        "points": int(len(pts)),
+        "orthogonality": worst(ortho),
+        "scaling": worst(np.concatenate(scaling)),
+        "analytic_gap": worst(gap),
+        "radii": radii,
+        "angles": int(angles),
+        "scales": scales,
+    }
+
+
+def simulate(
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.0,
+    dtype: Any = "float64",
+    w0: Sequence[float] = (-0.7, 0.7),
+    loss: ToyLoss = TOY_LOSS,
+) -> dict:
+    """The runs of the toy, without figures.
+
+    From ``w0``: GD without weight decay, GD with weight decay ``λ`` and GD without weight decay
+    with the equivalent LR ``η α^{-2t-1}``, in ``dtype``; the last two again in float32 and float64
+    to measure ``dev_t = ∠(w_t, w̃_t)``; with ``γ > 0`` also the exponential run without the
+    momentum-buffer preset (float64).
+
+    Returns:
+        ``alpha``; ``runs``: ``{"no_wd", "wd", "exp_lr"}`` trajectories in ``dtype``, shape
+        ``(steps + 1, 2)``; ``deviation``: ``{"float64", "float32"}`` float64 series of ``dev_t``;
+        ``ablation``: the float64 ``dev_t`` without the buffer preset, or ``None``.
+
+    Raises:
+        UserError: bad settings.
+    """
+    dt = _as_dtype(dtype)
+    w0 = _check_run_args(w0, steps, lr, weight_decay, momentum)
+    alpha = wd_equivalent_alpha(lr=lr, weight_decay=weight_decay, momentum=momentum)
+    kw = dict(steps=steps, lr=lr, momentum=momentum, loss=loss)
+    pairs = {}
+    for name, d in _DTYPES.items():
+        pairs[name] = (
+            run_gd(w0, weight_decay=weight_decay, dtype=d, **kw),
+            run_exp_lr(w0, weight_decay=weight_decay, dtype=d, **kw),
+        )
+    runs = {
+        "no_wd": run_gd(w0, weight_decay=0.0, dtype=dt, **kw),
+        "wd": pairs[np.dtype(dt).name][0],
+        "exp_lr": pairs[np.dtype(dt).name][1],
+    }
+    ablation = None
+    if momentum > 0:
+        no_preset = run_exp_lr(w0, weight_decay=weight_decay, dtype=np.float64, preset_buffer=False, **kw)
+        ablation = direction_deviation(pairs["float64"][0], no_preset)
+    return {
+        "alpha": alpha,
+        "runs": runs,
+        "deviation": {name: direction_deviation(a, b) for name, (a, b) in pairs.items()},
+        "ablation": ablation,
+    }
+
+
+def toy_numbers(sim: dict, *, w0: Sequence[float], tol: float, loss: ToyLoss = TOY_LOSS) -> dict:
+    """The plain numbers of a :func:`simulate` result (what :func:`run_toy` returns, less the settings).
+
+    Returns:
+        ``alpha``, ``first_deviation_step`` and ``max_deviation`` per precision (``None`` = never
+        above ``tol``), ``max_deviation_without_buffer_preset``, ``final_loss`` and ``final_norm``
+        per run, ``no_wd_stuck`` (ends at a non-global local minimum, not moving),
+        ``no_wd_last_angular_step``, ``wd_escaped`` and ``wd_escape_step`` (the WD run leaves the
+        start's basin), ``min_loss_wd``, ``global_min_loss`` and ``start_basin_min_loss`` (the loss
+        at the local minimum of the start's basin).
+    """
+    w0 = np.asarray(w0, dtype=np.float64)
+    devs, ablation = sim["deviation"], sim["ablation"]
+    theta0 = math.atan2(w0[1], w0[0])
+    start_basin = loss.basin(theta0)
+    mins, _ = loss.critical_angles()
+    global_min = float(mins[np.argmin(loss.of_angle(mins))])
+    in_start = mins[loss.in_basin(mins, start_basin)]
+    f = {k: v.astype(np.float64) for k, v in sim["runs"].items()}
+    th_no = np.arctan2(f["no_wd"][:, 1], f["no_wd"][:, 0])
+    th_wd = np.arctan2(f["wd"][:, 1], f["wd"][:, 0])
+    last_move = float(direction_deviation(f["no_wd"][-2], f["no_wd"][-1])) if len(th_no) > 1 else math.nan
+    ends_in_global = bool(loss.in_basin(th_no[-1], loss.basin(global_min)))
+    no_wd_stuck = (not ends_in_global) and last_move < 1e-4
+    outside = ~loss.in_basin(th_wd, start_basin)
+    escape = int(np.argmax(outside)) if outside.any() else None
+    return {
+        "alpha": sim["alpha"],
+        "first_deviation_step": {k: first_index_over(v, tol) for k, v in devs.items()},
+        "max_deviation": {k: float(np.nanmax(v)) if np.isfinite(v).any() else math.inf for k, v in devs.items()},
+        "max_deviation_without_buffer_preset": None if ablation is None else float(np.nanmax(ablation)),
+        "final_loss": {k: float(loss(v[-1])) for k, v in f.items()},
+        "final_norm": {k: float(np.linalg.norm(v[-1])) for k, v in f.items()},
+        "no_wd_stuck": bool(no_wd_stuck),
+        "no_wd_last_angular_step": last_move,
+        "wd_escaped": escape is not None,
+        "wd_escape_step": escape,
+        "min_loss_wd": float(loss(f["wd"]).min()),
+        "global_min_loss": float(loss.of_angle(global_min)),
+        "start_basin_min_loss": float(loss.of_angle(in_start).min()) if in_start.size else math.nan,
+    }
+
+
+def draw_figures(
+    outdir,
+    sim: dict,
+    *,
+    w0: Sequence[float],
+    tol: float,
+    frames: int,
+    dpi: int,
+    loss: ToyLoss = TOY_LOSS,
+    prefix: str = "toy_",
+) -> dict[str, Path]:
+    """Draw the four figures of a :func:`simulate` result into ``outdir``; returns ``{kind: path}``.
+
+    ``<prefix>surface.png``, ``<prefix>trajectories.png``, ``<prefix>zoom.gif`` (``0.7 · dpi``) and
+    ``<prefix>deviation.png`` (see :func:`run_toy`).
+    """
+    import matplotlib
+
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    files = {k: outdir / f"{prefix}{k}{'.gif' if k == 'zoom' else '.png'}" for k in ("surface", "trajectories", "zoom", "deviation")}
+    with matplotlib.rc_context({"font.size": 9}):
+        plot_surface(files["surface"], loss, w0, dpi)
+        plot_trajectories(files["trajectories"], loss, sim["runs"], sim["alpha"], dpi)
+        plot_zoom_gif(files["zoom"], loss, sim["runs"], frames, max(30, int(0.7 * dpi)))
+        plot_deviation(files["deviation"], sim["deviation"], tol, sim["ablation"], dpi)
+    return files
+
+
+# --------------------------------------------------------------------------- the library entry point
 
 
 def run_toy(
@@ -488,11 +732,13 @@ def run_toy(
     dpi: int = 80,
     loss: ToyLoss = TOY_LOSS,
 ) -> dict:
-    """Run the 2-D toy and write its four figures.
+    """Run the 2-D toy and write its four figures (the registered experiment ``toy`` does the same
+    into a run directory, with verdicts: ``bnlab run toy``).
 
     Runs from ``w0``: GD without weight decay, GD with weight decay ``λ``, and GD without weight
     decay with the equivalent LR ``η α^{-2t-1}`` (in ``dtype``); the last two again in float32 and
-    float64 to measure ``dev_t = ∠(w_t, w̃_t)``, the angle between their directions.
+    float64 to measure ``dev_t = ∠(w_t, w̃_t)``, the angle between their directions
+    (:func:`simulate`).
 
     Files written to ``outdir``: ``toy_surface.png`` (loss and gradient field), ``toy_trajectories.png``
     (the three runs, the exponential one also mapped back by ``α^t`` onto the WD run, norms),
@@ -513,93 +759,26 @@ def run_toy(
         loss: the toy loss.
 
     Returns:
-        A dict of plain numbers: ``alpha``, ``first_deviation_step`` and ``max_deviation`` per
-        precision (``None`` = never above ``tol``), ``final_loss`` and ``final_norm`` per run,
-        ``no_wd_stuck`` (ends at a non-global local minimum, not moving), ``wd_escaped`` and
-        ``wd_escape_step`` (the WD run leaves the start's basin), ``min_loss_wd``,
-        ``global_min_loss``, the settings, and ``files``.
+        A dict of plain numbers (:func:`toy_numbers`): ``alpha``, ``first_deviation_step`` and
+        ``max_deviation`` per precision (``None`` = never above ``tol``), ``final_loss`` and
+        ``final_norm`` per run, ``no_wd_stuck`` (ends at a non-global local minimum, not moving),
+        ``wd_escaped`` and ``wd_escape_step`` (the WD run leaves the start's basin),
+        ``min_loss_wd``, ``global_min_loss``, the settings, and ``files``.
 
     Raises:
         UserError: bad settings.
     """
-    dt = _as_dtype(dtype)
-    w0 = _check_run_args(w0, steps, lr, weight_decay, momentum)
-    if not (isinstance(frames, int) and 2 <= frames <= 60):
-        raise UserError(f"frames must be an integer in [2, 60], got {frames!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise UserError(f"tol must be > 0, got {tol!r}")
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    alpha = wd_equivalent_alpha(lr=lr, weight_decay=weight_decay, momentum=momentum)
-
-    kw = dict(steps=steps, lr=lr, momentum=momentum, loss=loss)
-    pairs = {}
-    for name, d in _DTYPES.items():
-        pairs[name] = (
-            run_gd(w0, weight_decay=weight_decay, dtype=d, **kw),
-            run_exp_lr(w0, weight_decay=weight_decay, dtype=d, **kw),
-        )
-    runs = {
-        "no_wd": run_gd(w0, weight_decay=0.0, dtype=dt, **kw),
-        "wd": pairs[np.dtype(dt).name][0],
-        "exp_lr": pairs[np.dtype(dt).name][1],
-    }
-    devs = {name: direction_deviation(a, b) for name, (a, b) in pairs.items()}
-    firsts = {name: first_exceedance(dev, tol) for name, dev in devs.items()}
-    ablation = None
-    if momentum > 0:
-        no_preset = run_exp_lr(w0, weight_decay=weight_decay, dtype=np.float64, preset_buffer=False, **kw)
-        ablation = direction_deviation(pairs["float64"][0], no_preset)
-
-    # Stuck / escaped, judged on the angle.
-    theta0 = math.atan2(w0[1], w0[0])
-    start_basin = loss.basin(theta0)
-    mins, _ = loss.critical_angles()
-    global_min = float(mins[np.argmin(loss.of_angle(mins))])
-    f = {k: v.astype(np.float64) for k, v in runs.items()}
-    th_no = np.arctan2(f["no_wd"][:, 1], f["no_wd"][:, 0])
-    th_wd = np.arctan2(f["wd"][:, 1], f["wd"][:, 0])
-    last_move = float(direction_deviation(f["no_wd"][-2], f["no_wd"][-1]))
-    ends_in_global = bool(loss.in_basin(th_no[-1], loss.basin(global_min)))
-    no_wd_stuck = (not ends_in_global) and last_move < 1e-4
-    outside = ~loss.in_basin(th_wd, start_basin)
-    escape = int(np.argmax(outside)) if outside.any() else None
-
-    files = {
-        "surface": outdir / "toy_surface.png",
-        "trajectories": outdir / "toy_trajectories.png",
-        "zoom": outdir / "toy_zoom.gif",
-        "deviation": outdir / "toy_deviation.png",
-    }
-    import matplotlib
-
-    with matplotlib.rc_context({"font.size": 9}):
-        _plot_surface(files["surface"], loss, w0, dpi)
-        _plot_trajectories(files["trajectories"], loss, runs, alpha, dpi)
-        _plot_zoom_gif(files["zoom"], loss, runs, frames, max(30, int(0.7 * dpi)))
-        _plot_deviation(files["deviation"], devs, firsts, tol, ablation, dpi)
-
-    def _num(x):
-        return None if x is None else float(x)
-
+    check_settings(steps=steps, lr=lr, weight_decay=weight_decay, momentum=momentum, w0=w0, dtype=dtype,
+                   frames=frames, tol=tol)
+    sim = simulate(steps=steps, lr=lr, weight_decay=weight_decay, momentum=momentum, dtype=dtype, w0=w0, loss=loss)
+    files = draw_figures(outdir, sim, w0=w0, tol=tol, frames=frames, dpi=dpi, loss=loss)
     return {
         "steps": int(steps),
         "lr": float(lr),
         "weight_decay": float(weight_decay),
         "momentum": float(momentum),
-        "dtype": np.dtype(dt).name,
-        "alpha": alpha,
+        "dtype": np.dtype(_as_dtype(dtype)).name,
         "tol": float(tol),
-        "first_deviation_step": dict(firsts),
-        "max_deviation": {k: float(np.nanmax(v)) if np.isfinite(v).any() else math.inf for k, v in devs.items()},
-        "max_deviation_without_buffer_preset": None if ablation is None else float(np.nanmax(ablation)),
-        "final_loss": {k: float(loss(v[-1])) for k, v in f.items()},
-        "final_norm": {k: float(np.linalg.norm(v[-1])) for k, v in f.items()},
-        "no_wd_stuck": bool(no_wd_stuck),
-        "no_wd_last_angular_step": last_move,
-        "wd_escaped": escape is not None,
-        "wd_escape_step": escape,
-        "min_loss_wd": float(loss(f["wd"]).min()),
-        "global_min_loss": _num(loss.of_angle(global_min)),
+        **toy_numbers(sim, w0=w0, tol=tol, loss=loss),
         "files": {k: str(v) for k, v in files.items()},
     }

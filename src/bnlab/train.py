@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -164,7 +164,8 @@ def train(
         loss_fn: ``loss_fn(logits, y) -> scalar``.
         device: ``"auto"`` (CUDA if present), ``"cpu"``, ``"cuda"``.
         seed: seeds the batch order.
-        log: where step and eval records go (list, callable, or object with ``.write``).
+        log: where step and eval records go: a list, a callable, or an object with
+            ``.append_metrics(record)`` (a :class:`bnlab.runs.RunDir`) or ``.write(record)``.
         progress: show a tqdm bar (``True``, or a string used as its description).
         drop_last: drop the last incomplete batch of each epoch.
 
@@ -188,17 +189,17 @@ def train(
         else:
             records.append(rec)
         if log is not None:
-            log.append(rec) if isinstance(log, list) else (log.write(rec) if hasattr(log, "write") else log(rec))
+            if isinstance(log, list):
+                log.append(rec)
+            elif hasattr(log, "append_metrics"):
+                log.append_metrics(rec)
+            elif hasattr(log, "write"):
+                log.write(rec)
+            else:
+                log(rec)
 
     monitor = Monitor(model, optimizer, probes, log=sink, loss_fn=loss_fn)
     gen = torch.Generator().manual_seed(seed)
-
-    def batch_stream():
-        while True:
-            if full_batch:
-                yield data.full_batch()
-            else:
-                yield from data.batches(batch_size, shuffle=True, generator=gen, drop_last=drop_last)
 
     def do_eval(step: int) -> None:
         metrics: dict = {}
@@ -217,7 +218,7 @@ def train(
         bar = tqdm(total=steps, desc=progress if isinstance(progress, str) else "train", unit="step", leave=False, dynamic_ncols=True)
     t0 = time.perf_counter()
     model.train()
-    stream = batch_stream()
+    stream = data.stream(batch_size, generator=gen, drop_last=drop_last, full_batch=full_batch)
     try:
         for t in range(steps):
             x, y = next(stream)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from bnlab import models
+from bnlab.analysis import deep_vs_shallow, diverging_updates, first_exceeding, fit_growth, median_curve
 from bnlab.experiments import run_experiment
-from bnlab.experiments.activations import deep_vs_shallow, fit_growth, main_path_layers, singular_value_products
-from bnlab.experiments.divergence import first_exceeding, median_curve
+from bnlab.experiments.activations import main_path_layers, singular_value_products
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +151,21 @@ def test_activations_interpolation_endpoints_agree_with_the_training_run(tiny_ru
 
 
 def test_diverging_update_is_the_start_of_the_final_loss_increasing_streak():
-    from bnlab.experiments.activations import diverging_updates
-
     rels = [(0, 4.0), (1, 0.2), (2, 0.04), (3, 199.0), (4, 3.6e4), (5, float("nan"))]
     assert diverging_updates(rels, diverged=True) == (0, 3)
     assert diverging_updates(rels[:3], diverged=False) == (0, 0)
     assert diverging_updates([(0, 0.5), (1, 0.9)], diverged=False) == (None, None)
     assert diverging_updates([(0, 0.5), (1, 2.0)], diverged=True) == (1, 1)
+
+
+def test_judging_the_stored_summary_again_gives_the_stored_verdicts(tiny_runs):
+    from bnlab.experiments import get_experiment
+
+    for name, run in tiny_runs.items():
+        exp = get_experiment(name)
+        stored = run.read_json("verdicts.json")
+        got = exp.judge(run.read_json("summary.json"), exp.Thresholds(**stored["thresholds"]))
+        assert [(v.claim, v.status) for v in got] == [(r["id"], r["status"]) for r in stored["verdicts"]]
+        for v, r in zip(got, stored["verdicts"]):
+            assert v.value == r["value"] or (v.value != v.value and r["value"] != r["value"]), (name, v.claim)
+            assert v.rule == r["rule"] and v.rule

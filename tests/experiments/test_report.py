@@ -1,6 +1,5 @@
 """The report: built from run dirs alone, self-contained, escaped, valid HTML; reproduce reuses runs."""
 
-import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from markupsafe import escape
 
 from bnlab.cli import main
 from bnlab.experiments import EXPERIMENTS
-from bnlab.report import build, collect
+from bnlab.report import build
 from bnlab.reproduce import reproduce
 from bnlab.runs import RunDir
 
@@ -64,14 +63,32 @@ def test_user_strings_are_escaped(tiny_runs, tmp_path):
     (run_path,) = [p for p in (copy / "large-lr").iterdir() if (p / "complete").exists()]
     run = RunDir(run_path)
     verdicts = run.read_json("verdicts.json")
-    verdicts[0]["detail"] = "<script>alert('x')</script> & <b>bold</b>"
+    verdicts["verdicts"][0]["detail"] = "<script>alert('x')</script> & <b>bold</b>"
+    verdicts["verdicts"][1]["rule"] = "<i>rule</i>"
     run.write_json("verdicts.json", verdicts)
     cfg = run.read_json("config.json")
     cfg["config"]["data"] = '"><img src=x onerror=alert(1)>'
     run.write_json("config.json", cfg)
     html = build(copy).read_text()
     assert "<script>alert" not in html and "&lt;script&gt;alert" in html
+    assert "<i>rule</i>" not in html and "&lt;i&gt;rule&lt;/i&gt;" in html
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_report_reads_run_dirs_only_and_imports_no_experiment(tiny_runs, tmp_path):
+    out, report, _ = tiny_runs
+    code = ("import sys, bnlab.report as r; r.build(sys.argv[1], sys.argv[2]); "
+            "bad = sorted(m for m in sys.modules if m.startswith('bnlab.experiments')); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "r.html")], check=True)
+    strip = lambda h: h.split("<p class=\"muted\">Generated", 1)[1].split("</p>", 1)[1]
+    assert strip((tmp_path / "r.html").read_text()) == strip(report.read_text())
+
+
+def test_report_shows_each_rule_with_its_numbers(tiny_runs):
+    _, report, rows = tiny_runs
+    html = report.read_text()
+    for r in rows:
+        assert r["rule"] and str(escape(r["rule"])) in html
 
 
 def test_report_of_an_empty_dir_is_a_user_error(tmp_path, capsys):

@@ -18,11 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from bnlab.scale import angle_between, make_fully_scale_invariant
 from bnlab.schedules import (
     TEXP,
     ExpLR,
-    angle_between,
-    make_fully_scale_invariant,
     step_decay_lr,
     wd_equivalent_alpha,
 )

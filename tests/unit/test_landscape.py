@@ -1,8 +1,9 @@
 """bnlab.landscape: closed forms on a quadratic, vmap against the loop on a BatchNorm convnet,
-model state left alone, divergence as data."""
+model state left alone, divergence as data; the relative loss of one step against a brute-force loop."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab import landscape
-from bnlab.landscape import LandscapeProbe, probe_along_gradient, probe_model_along_gradient
+from bnlab import data, landscape, models
+from bnlab.landscape import GradientLineScan, probe_along_gradient, probe_model_along_gradient, relative_loss, relative_loss_of
 from bnlab.errors import UserError
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
@@ -281,4 +282,58 @@ def test_chunked_vmap_equals_unchunked(bn_conv):
         model, batch, F.cross_entropy, steps, vectorize=True, chunk_size=2
     )
     torch.testing.assert_close(a.losses, b.losses, rtol=1e-12, atol=0)
-    assert isinstance(b, LandscapeProbe)
+    assert isinstance(b, GradientLineScan)
+
+
+# ------------------------------------------------------------------------------------ relative loss (Bjorck et al.)
+def _relative_loss_loop(model, batch, alphas):
+    """Brute force: a deepcopy in train mode, L(w - α g) / L(w) by in-place parameter moves."""
+    x, y = batch
+    net = copy.deepcopy(model).train()
+    loss0 = F.cross_entropy(net(x), y)
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss0, params)
+    out = []
+    for a in alphas:
+        moved = copy.deepcopy(net)
+        with torch.no_grad():
+            for p, g in zip([p for p in moved.parameters() if p.requires_grad], grads):
+                p -= a * g
+            out.append(float(F.cross_entropy(moved(x), y)) / float(loss0))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_relative_loss_equals_loop_and_leaves_the_model_unchanged(norm):
+    tr = data.load("synthetic", split="train", n=256, in_shape=(1, 8, 8), seed=1)
+    net = models.make("convnet", norm=norm, in_shape=(1, 8, 8), num_classes=10, width=4, seed=0, freeze_last=True)
+    batch = (tr.x[:64], tr.y[:64])
+    F.cross_entropy(net(batch[0]), batch[1]).backward()  # BN stats move once, .grad is set
+    net.eval()
+    before = {k: v.clone() for k, v in list(net.state_dict().items())}
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    rng = torch.get_rng_state()
+    alphas = [1e-3, 1e-2, 0.1, 1.0, 10.0]
+    got = relative_loss(net, batch, F.cross_entropy, alphas)
+    ref = _relative_loss_loop(net, batch, alphas)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    loop = relative_loss(net, batch, F.cross_entropy, alphas, vectorize=False)
+    torch.testing.assert_close(got, loop, rtol=1e-6, atol=1e-7)
+    assert got.dtype == torch.float64 and got.shape == (5,)
+    assert not net.training and all(not m.training for m in net.modules())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert all(torch.equal(grads[n], p.grad) for n, p in net.named_parameters() if p.grad is not None)
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_relative_loss_of_a_quadratic():
+    a = torch.tensor([1.0, 10.0], dtype=torch.float64)
+    f = lambda p: 0.5 * (a * p["w"] ** 2).sum()  # noqa: E731
+    w = torch.ones(2, dtype=torch.float64)
+    alphas = torch.tensor([0.0, 0.05, 0.1, 0.3])
+    got = relative_loss_of(f, {"w": w}, alphas)
+    expect = torch.stack([f({"w": w * (1 - s * a)}) for s in alphas.double()]) / f({"w": w})
+    torch.testing.assert_close(got, expect)
+    assert got[0] == 1.0 and got[-1] > 1.0  # a step past 2/λ_max increases the loss
+    with pytest.raises(UserError):
+        relative_loss_of(f, {"w": w}, [])

@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,8 @@ def test_run_dir_layout_and_reuse(tmp_path):
     cfg = {"a": 1, "b": [1, 2]}
     run = RunDir.create(tmp_path, "exp", cfg)
     assert (run.path / "config.json").exists() and (run.path / "env.json").exists()
-    run.write({"step": 0, "loss": float("nan")})
-    run.write({"step": 1, "loss": 1.5})
+    run.append_metrics({"step": 0, "loss": float("nan")})
+    run.append_metrics({"step": 1, "loss": 1.5})
     assert not run.complete and RunDir.find_complete(tmp_path, "exp", cfg) is None
     assert (run.path / "metrics.jsonl.partial").exists() and not (run.path / "metrics.jsonl").exists()
     run.finish({"ok": True})
@@ -130,14 +129,15 @@ def test_custom_loop_example_runs_and_probes_do_not_change_it():
     assert proc.returncode == 0 and "grad_norm/total" in proc.stdout
 
 
-def test_cli_toy_writes_its_figures_and_numbers(tmp_path, capsys):
-    out = tmp_path / "toy"
-    assert main(["toy", "--steps", "60", "--out", str(out)]) == 0
-    names = sorted(p.name for p in out.iterdir())
-    assert names == ["toy_deviation.png", "toy_summary.json", "toy_surface.png", "toy_trajectories.png", "toy_zoom.gif"]
-    summary = json.loads((out / "toy_summary.json").read_text())
-    assert summary["alpha"] == pytest.approx(1 - 1.0 * 0.02)  # alpha = 1 - eta*lambda without momentum
-    assert summary["first_deviation_step"]["float64"] is None  # float64 runs agree to round-off
+def test_cli_toy_is_the_registered_toy_experiment(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert main(["toy", "--profile", "tiny", "--steps", "60", "--tol", "1e-7", "--out", str(out)]) == 0
+    (run_dir,) = (out / "toy").iterdir()
+    assert sorted(p.name for p in (run_dir / "figures").iterdir()) == ["toy_deviation.png", "toy_surface.png", "toy_trajectories.png", "toy_zoom.gif"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["alpha"] == pytest.approx(1 - 1.0 * 0.02)  # alpha = 1 - eta*lambda
+    assert json.loads((run_dir / "verdicts.json").read_text())["thresholds"]["deviation_tol"] == 1e-7
+    assert max(summary["deviation"]["float64"]) <= 1e-9  # float64 runs agree to round-off
     assert main(["toy", "--dtype", "float16", "--out", str(tmp_path / "bad")]) == 2
     assert "unknown dtype 'float16'; accepted: float32, float64" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()

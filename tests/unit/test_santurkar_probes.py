@@ -1,4 +1,5 @@
-"""Santurkar et al.'s probes: landscape along the gradient, gᵀHg/‖g‖², λ_max, ICS, activation quantiles.
+"""Santurkar et al.'s probes: landscape along the gradient, gᵀHg/‖g‖², λ_max, ICS, activation quantiles,
+train-mode accuracy.
 
 Each probe's numbers are checked against an independent brute-force computation, and each probe is
 checked to leave training exactly as it was (weights, buffers, .grad, RNG, modes).
@@ -19,6 +20,7 @@ from bnlab.landscape import probe_model_along_gradient
 from bnlab.models.noisy import noisy_layers
 from bnlab.probes import (ActivationQuantiles, HessianQuadForm, InternalCovariateShift, LandscapeProbe, StepContext,
                           TopHessianEigenvalue)
+from bnlab.probes.accuracy import TrainModeAccuracy
 from bnlab.probes.ics import ics_layers, internal_covariate_shift
 from bnlab.probes.landscape import step_size_grid
 from bnlab.train import make_optimizer, train
@@ -243,10 +245,28 @@ def test_activation_quantiles_equal_those_of_the_training_forward(norm):
         ActivationQuantiles("nope").after_backward(_ctx(net, batch, loss))
 
 
+# ----------------------------------------------------------------------------- train-mode accuracy
+@pytest.mark.parametrize("norm", ["bn", "none", "bn-noisy"])
+def test_train_mode_accuracy_is_that_of_the_training_forward(norm):
+    net, batch = _net(norm), _batch(n=64)
+    seen = []
+    h = net.register_forward_hook(lambda m, a, o: seen.append(o.detach()))
+    loss = _backward(net, batch)
+    h.remove()
+    probe = TrainModeAccuracy(every=1)
+    snap = _snapshot(net)
+    out = probe.after_backward(_ctx(net, batch, loss))
+    _assert_same(net, snap)
+    # the same logits as the step's forward (train-mode BN: batch statistics; noisy BN: the step's noise)
+    assert out == {"acc": float((seen[0].argmax(1) == batch[1]).double().mean())}
+    assert 0.0 <= out["acc"] <= 1.0 and probe.name == "train_mode" and probe.cost == "standard"
+    assert probe.after_backward(StepContext(step=0, model=net, optimizer=None)) == {}
+
+
 # ----------------------------------------------------------------------------- never change training
 def _all_probes(every=1):
     return [LandscapeProbe(every=every), HessianQuadForm(every=every), TopHessianEigenvalue(every=every, max_iter=4),
-            InternalCovariateShift(every=every), ActivationQuantiles("features.1", every=every)]
+            InternalCovariateShift(every=every), ActivationQuantiles("features.1", every=every), TrainModeAccuracy(every=every)]
 
 
 @pytest.mark.parametrize("norm", ["bn", "none", "bn-noisy"])
@@ -270,7 +290,7 @@ def test_training_is_bit_identical_with_and_without_all_probes(norm):
     assert torch.equal(rng_a, rng_b)
     assert [r["loss"] for r in h_a.records] == [r["loss"] for r in h_b.records]
     keys = set().union(*h_b.records[::2])
-    assert {"landscape/beta", "hess_quad/gHg", "hess_top/lambda_max", "ics/mean_rel", "act_q/0/q50"} <= keys
+    assert {"landscape/beta", "hess_quad/gHg", "hess_top/lambda_max", "ics/mean_rel", "act_q/0/q50", "train_mode/acc"} <= keys
 
 
 @pytest.mark.parametrize("norm", ["bn", "bn-noisy"])
@@ -292,7 +312,7 @@ def test_each_probe_restores_everything_it_touches_on_its_own(norm):
 
 
 def test_probe_costs_and_schedules():
-    assert [p.cost for p in _all_probes()] == ["standard", "expensive", "expensive", "standard", "standard"]
+    assert [p.cost for p in _all_probes()] == ["standard", "expensive", "expensive", "standard", "standard", "standard"]
     p = LandscapeProbe(every=5)
     assert [s for s in range(12) if p.active(s)] == [0, 5, 10]
     with pytest.raises(UserError):

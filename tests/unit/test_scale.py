@@ -1,4 +1,5 @@
-"""bnlab.scale: detection of scale-invariant parameters, the lemma, optimizer groups, the math.
+"""bnlab.scale: detection of scale-invariant parameters, the lemma, optimizer groups, the math,
+comparing runs in direction, making a network fully scale-invariant.
 
 Every architecture is a hand-written ``nn.Module`` with its own ``forward``; the expected set of
 scale-invariant tensors is derived by hand next to it, and the detector must return exactly it.
@@ -6,6 +7,7 @@ scale-invariant tensors is derived by hand next to it, and the detector must ret
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -20,10 +22,12 @@ from bnlab.scale import (
     PER_CHANNEL_SUFFIX,
     InvarianceCheck,
     ScaleInvariantGroup,
-    angular_update,
+    angle_between,
     check_scale_invariance,
+    compare_trajectories,
     effective_lr,
     find_scale_invariant,
+    make_fully_scale_invariant,
     norm_identity_residual,
     split_param_groups,
 )
@@ -649,20 +653,20 @@ def test_effective_lr():
         effective_lr(0.1, 0.0)
 
 
-def test_angular_update_known_angles():
-    assert angular_update(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(math.pi / 4, rel=1e-12)
-    assert angular_update(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 5.0])) == pytest.approx(math.pi / 2, rel=1e-12)
-    assert angular_update(torch.tensor([1.0, 2.0]), torch.tensor([-1.0, -2.0])) == pytest.approx(math.pi, rel=1e-12)
-    assert angular_update(torch.ones(3, 4), torch.ones(3, 4) * 7) == pytest.approx(0.0, abs=1e-15)
+def test_angle_between_known_angles():
+    assert angle_between(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(math.pi / 4, rel=1e-12)
+    assert angle_between(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 5.0])) == pytest.approx(math.pi / 2, rel=1e-12)
+    assert angle_between(torch.tensor([1.0, 2.0]), torch.tensor([-1.0, -2.0])) == pytest.approx(math.pi, rel=1e-12)
+    assert angle_between(torch.ones(3, 4), torch.ones(3, 4) * 7) == pytest.approx(0.0, abs=1e-15)
 
 
 @pytest.mark.parametrize("t", [1e-4, 1e-9, 1e-13])
-def test_angular_update_is_accurate_for_tiny_angles(t):
+def test_angle_between_is_accurate_for_tiny_angles(t):
     """w and w + t·u with u ⟂ w: the angle is exactly atan(t ‖u‖/‖w‖); arccos of the cosine is not."""
     w = torch.tensor([3.0, 4.0, 0.0], dtype=torch.float64)
     u = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
     expected = math.atan(t / 5.0)
-    assert angular_update(w, w + t * u) == pytest.approx(expected, rel=1e-9, abs=0.0)
+    assert angle_between(w, w + t * u) == pytest.approx(expected, rel=1e-9, abs=0.0)
     if t <= 1e-9:  # the naive formula loses it entirely
         cos = float(torch.dot(w, w + t * u) / (w.norm() * (w + t * u).norm()))
         assert math.acos(min(cos, 1.0)) != pytest.approx(expected, rel=1e-3, abs=0.0)
@@ -675,24 +679,23 @@ def test_angular_update_is_accurate_for_tiny_angles(t):
     st.floats(0.1, 10),
     st.floats(0.1, 10),
 )
-def test_angular_update_matches_arccos_and_ignores_scale(a, b, ca, cb):
+def test_angle_between_matches_arccos_and_ignores_scale(a, b, ca, cb):
     u, v = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
     if u.norm() < 1e-3 or v.norm() < 1e-3:
         return
     cos = float(torch.dot(u, v) / (u.norm() * v.norm()))
-    angle = angular_update(u, v)
+    angle = angle_between(u, v)
     assert 0.0 <= angle <= math.pi
     if abs(cos) < 0.99:  # arccos is accurate away from 0 and π
         assert angle == pytest.approx(math.acos(cos), abs=1e-10)
-    assert angular_update(ca * u, cb * v) == pytest.approx(angle, abs=1e-10)
-    assert angular_update(v, u) == pytest.approx(angle, abs=1e-12)
+    assert angle_between(ca * u, cb * v) == pytest.approx(angle, abs=1e-10)
+    assert angle_between(v, u) == pytest.approx(angle, abs=1e-12)
 
 
-def test_angular_update_bad_input():
+def test_angle_between_bad_input():
+    assert math.isnan(angle_between(torch.zeros(3), torch.ones(3)))  # undefined: the documented convention
     with pytest.raises(UserError):
-        angular_update(torch.zeros(3), torch.ones(3))
-    with pytest.raises(UserError):
-        angular_update(torch.ones(3), torch.ones(4))
+        angle_between(torch.ones(3), torch.ones(4))
 
 
 def test_norm_identity_residual():
@@ -706,3 +709,134 @@ def test_norm_identity_residual():
         r = norm_identity_residual(float(w @ w), float(w_next @ w_next), lr, float(grad @ grad))
         assert r == pytest.approx(expected, abs=1e-12)
     assert norm_identity_residual(1.0, 1.25, 0.5, 1.0) == 0.0
+
+
+# ----------------------------------------------------------------------------- angles and comparing runs
+
+
+def test_angle_between_known_and_tiny_angles():
+    assert angle_between(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == pytest.approx(math.pi / 2, rel=1e-15)
+    assert angle_between(torch.tensor([1.0, 0.0]), torch.tensor([-3.0, 0.0])) == pytest.approx(math.pi, rel=1e-15)
+    assert angle_between(torch.tensor([2.0, 2.0]), torch.tensor([5.0, 5.0])) == 0.0
+    for eps in (1e-6, 1e-10, 1e-14):
+        a = torch.tensor([1.0, 0.0], dtype=torch.float64)
+        b = torch.tensor([math.cos(eps), math.sin(eps)], dtype=torch.float64) * 7.0
+        assert angle_between(a, b) == pytest.approx(eps, rel=1e-6)  # arccos would return 0 or ~1e-8 here
+    x = torch.randn(3, 4, dtype=torch.float64)
+    assert angle_between(x, 1e30 * x) < 1e-15
+
+
+def test_angle_between_convention_for_zero_and_mismatched():
+    assert angle_between(torch.zeros(3), torch.zeros(3)) == 0.0  # nothing to turn
+    assert math.isnan(angle_between(torch.zeros(3), torch.ones(3)))  # undefined
+    assert math.isnan(angle_between(torch.ones(3), torch.tensor([1.0, float("inf"), 0.0])))
+    with pytest.raises(UserError):
+        angle_between(torch.ones(3), torch.ones(4))
+
+
+def test_angle_between_lists_equals_the_concatenation():
+    g = torch.Generator().manual_seed(3)
+    a = [torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+    b = [x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64) for x in a]
+    cat = lambda ts: torch.cat([t.reshape(-1) for t in ts])
+    ref = math.acos(float(torch.dot(cat(a), cat(b)) / (cat(a).norm() * cat(b).norm())))
+    assert angle_between(a, b) == pytest.approx(ref, rel=1e-10)
+    assert angle_between(a, b) == angle_between(cat(a), cat(b)) or abs(angle_between(a, b) - angle_between(cat(a), cat(b))) < 1e-15
+
+
+def bn_net(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8, eps=1e-30), nn.ReLU(), nn.Dropout(dropout),
+        nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8, eps=1e-30), nn.ReLU(), nn.Linear(8, 3),
+    ).double()
+
+
+def test_compare_trajectories_of_a_rescaled_copy():
+    a, b = bn_net(), bn_net()
+    make_fully_scale_invariant(a)
+    make_fully_scale_invariant(b)
+    with torch.no_grad():
+        for p in b.parameters():
+            if p.requires_grad:
+                p.mul_(3.0)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    res = compare_trajectories(a, b, batch=(x, None))
+    assert set(res) == {"per_param", "overall", "max_abs_output_diff"}
+    assert set(res["per_param"]) == {"0.weight", "4.weight"}
+    assert res["overall"] < 1e-15 and max(res["per_param"].values()) < 1e-15
+    assert res["max_abs_output_diff"] < 1e-12
+    json.dumps(res)
+
+
+def test_compare_trajectories_leaves_models_untouched_and_shares_rng():
+    a, b = bn_net(dropout=0.5), bn_net(dropout=0.5)
+    b.eval()
+    stats = {k: v.clone() for k, v in a.state_dict().items()}
+    x = torch.randn(16, 4, dtype=torch.float64)
+    rng = torch.get_rng_state()
+    res = compare_trajectories(a, b, batch=x)
+    assert res["per_param"]["1.bias"] == 0.0  # two zero tensors: angle 0, not an error
+    assert a.training and not b.training
+    assert all(torch.equal(stats[k], v) for k, v in a.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert res["max_abs_output_diff"] > 0  # train-mode (dropout, batch stats) vs eval mode
+    c = bn_net(dropout=0.5)
+    assert compare_trajectories(a, c, batch=x)["max_abs_output_diff"] == 0.0  # same dropout mask
+
+
+def test_compare_trajectories_with_explicit_params_and_errors():
+    a, b = bn_net(0), bn_net(1)
+    res = compare_trajectories(a, b, params_a={"w": a[0].weight}, params_b=[b[0].weight])
+    assert set(res["per_param"]) == {"w"} and res["max_abs_output_diff"] is None
+    assert res["overall"] == pytest.approx(res["per_param"]["w"], rel=1e-12)
+    with pytest.raises(UserError):
+        compare_trajectories(a, b, params_a=[a[0].weight], params_b=[b[4].weight, b[0].weight])
+    with pytest.raises(UserError):
+        compare_trajectories(a, b, params_a=[a[0].weight], params_b=[b[7].weight])
+
+
+# ----------------------------------------------------------------------------- make_fully_scale_invariant
+
+
+def test_make_fully_scale_invariant_freezes_and_returns_the_weights():
+    model = bn_net()
+    trained = make_fully_scale_invariant(model)
+    assert [id(p) for p in trained] == [id(model[0].weight), id(model[4].weight)]
+    for bn in (model[1], model[5]):
+        assert not bn.weight.requires_grad and not bn.bias.requires_grad
+        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+    assert not model[7].weight.requires_grad and not model[7].bias.requires_grad
+    # jointly scale-invariant: L(c w) == L(w) (train mode, BN eps negligible)
+    x = torch.randn(32, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (32,))
+    before = nn.functional.cross_entropy(model(x), y).detach()
+    with torch.no_grad():
+        for p in trained:
+            p.mul_(3.7)
+    after = nn.functional.cross_entropy(model(x), y).detach()
+    assert float(after) == pytest.approx(float(before), rel=1e-13)
+
+
+def test_make_fully_scale_invariant_on_a_convnet():
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, bias=False), nn.GroupNorm(2, 4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10),
+    )
+    trained = make_fully_scale_invariant(model)
+    assert [id(p) for p in trained] == [id(model[0].weight), id(model[3].weight)]
+
+
+@pytest.mark.parametrize(
+    "model,match",
+    [
+        (nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)), "bias"),
+        (nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 2)), "not followed"),
+        (nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), "Embedding"),
+    ],
+)
+def test_make_fully_scale_invariant_refuses(model, match):
+    with pytest.raises(UserError, match=match) as info:
+        make_fully_scale_invariant(model)
+    assert "\n" not in str(info.value)

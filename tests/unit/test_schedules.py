@@ -1,22 +1,19 @@
 """Unit tests of bnlab.schedules: the α root, the LR sequences, the buffer preset, validation,
-renormalization bookkeeping, angle_between, compare_trajectories, make_fully_scale_invariant."""
+renormalization bookkeeping, check_hparams."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-from torch import nn
 
 from bnlab.errors import UserError
+from bnlab.scale import angle_between
 from bnlab.schedules import (
     TEXP,
     ExpLR,
-    angle_between,
-    compare_trajectories,
-    make_fully_scale_invariant,
+    check_hparams,
     step_decay_lr,
     texp_lr,
     wd_equivalent_alpha,
@@ -308,121 +305,8 @@ def test_texp_refuses_bad_phases_and_exposes_alphas():
     assert sched.alphas == pytest.approx([1 - 0.1 * 0.01, 1 - 0.01 * 0.01], rel=1e-15)
 
 
-# ----------------------------------------------------------------------------- angles and comparisons
-
-
-def test_angle_between_known_and_tiny_angles():
-    assert angle_between(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])) == pytest.approx(math.pi / 2, rel=1e-15)
-    assert angle_between(torch.tensor([1.0, 0.0]), torch.tensor([-3.0, 0.0])) == pytest.approx(math.pi, rel=1e-15)
-    assert angle_between(torch.tensor([2.0, 2.0]), torch.tensor([5.0, 5.0])) == 0.0
-    for eps in (1e-6, 1e-10, 1e-14):
-        a = torch.tensor([1.0, 0.0], dtype=torch.float64)
-        b = torch.tensor([math.cos(eps), math.sin(eps)], dtype=torch.float64) * 7.0
-        assert angle_between(a, b) == pytest.approx(eps, rel=1e-6)  # arccos would return 0 or ~1e-8 here
-    x = torch.randn(3, 4, dtype=torch.float64)
-    assert angle_between(x, 1e30 * x) < 1e-15
-
-
-def test_angle_between_rejects_zero_and_mismatched():
-    with pytest.raises(UserError):
-        angle_between(torch.zeros(3), torch.ones(3))
-    with pytest.raises(UserError):
-        angle_between(torch.ones(3), torch.ones(4))
-
-
-def bn_net(seed=0, dropout=0.0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(4, 8, bias=False), nn.BatchNorm1d(8, eps=1e-30), nn.ReLU(), nn.Dropout(dropout),
-        nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8, eps=1e-30), nn.ReLU(), nn.Linear(8, 3),
-    ).double()
-
-
-def test_compare_trajectories_of_a_rescaled_copy():
-    a, b = bn_net(), bn_net()
-    make_fully_scale_invariant(a)
-    make_fully_scale_invariant(b)
-    with torch.no_grad():
-        for p in b.parameters():
-            if p.requires_grad:
-                p.mul_(3.0)
-    x = torch.randn(16, 4, dtype=torch.float64)
-    res = compare_trajectories(a, b, batch=(x, None))
-    assert set(res) == {"per_param", "overall", "max_abs_output_diff"}
-    assert set(res["per_param"]) == {"0.weight", "4.weight"}
-    assert res["overall"] < 1e-15 and max(res["per_param"].values()) < 1e-15
-    assert res["max_abs_output_diff"] < 1e-12
-    json.dumps(res)
-
-
-def test_compare_trajectories_leaves_models_untouched_and_shares_rng():
-    a, b = bn_net(dropout=0.5), bn_net(dropout=0.5)
-    b.eval()
-    stats = {k: v.clone() for k, v in a.state_dict().items()}
-    x = torch.randn(16, 4, dtype=torch.float64)
-    rng = torch.get_rng_state()
-    res = compare_trajectories(a, b, batch=x)
-    assert res["per_param"]["1.bias"] == 0.0  # two zero tensors: angle 0, not an error
-    assert a.training and not b.training
-    assert all(torch.equal(stats[k], v) for k, v in a.state_dict().items())
-    assert torch.equal(torch.get_rng_state(), rng)
-    assert res["max_abs_output_diff"] > 0  # train-mode (dropout, batch stats) vs eval mode
-    c = bn_net(dropout=0.5)
-    assert compare_trajectories(a, c, batch=x)["max_abs_output_diff"] == 0.0  # same dropout mask
-
-
-def test_compare_trajectories_with_explicit_params_and_errors():
-    a, b = bn_net(0), bn_net(1)
-    res = compare_trajectories(a, b, params_a={"w": a[0].weight}, params_b=[b[0].weight])
-    assert set(res["per_param"]) == {"w"} and res["max_abs_output_diff"] is None
-    assert res["overall"] == pytest.approx(res["per_param"]["w"], rel=1e-12)
-    with pytest.raises(UserError):
-        compare_trajectories(a, b, params_a=[a[0].weight], params_b=[b[4].weight, b[0].weight])
-    with pytest.raises(UserError):
-        compare_trajectories(a, b, params_a=[a[0].weight], params_b=[b[7].weight])
-
-
-# ----------------------------------------------------------------------------- make_fully_scale_invariant
-
-
-def test_make_fully_scale_invariant_freezes_and_returns_the_weights():
-    model = bn_net()
-    trained = make_fully_scale_invariant(model)
-    assert [id(p) for p in trained] == [id(model[0].weight), id(model[4].weight)]
-    for bn in (model[1], model[5]):
-        assert not bn.weight.requires_grad and not bn.bias.requires_grad
-        assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
-    assert not model[7].weight.requires_grad and not model[7].bias.requires_grad
-    # jointly scale-invariant: L(c w) == L(w) (train mode, BN eps negligible)
-    x = torch.randn(32, 4, dtype=torch.float64)
-    y = torch.randint(0, 3, (32,))
-    before = nn.functional.cross_entropy(model(x), y).detach()
-    with torch.no_grad():
-        for p in trained:
-            p.mul_(3.7)
-    after = nn.functional.cross_entropy(model(x), y).detach()
-    assert float(after) == pytest.approx(float(before), rel=1e-13)
-
-
-def test_make_fully_scale_invariant_on_a_convnet():
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, bias=False), nn.GroupNorm(2, 4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10),
-    )
-    trained = make_fully_scale_invariant(model)
-    assert [id(p) for p in trained] == [id(model[0].weight), id(model[3].weight)]
-
-
-@pytest.mark.parametrize(
-    "model,match",
-    [
-        (nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)), "bias"),
-        (nn.Sequential(nn.Linear(4, 8, bias=False), nn.ReLU(), nn.Linear(8, 8, bias=False), nn.BatchNorm1d(8), nn.Linear(8, 2)), "not followed"),
-        (nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2)), "Embedding"),
-    ],
-)
-def test_make_fully_scale_invariant_refuses(model, match):
-    with pytest.raises(UserError, match=match) as info:
-        make_fully_scale_invariant(model)
-    assert "\n" not in str(info.value)
+def test_check_hparams_accepts_and_refuses():
+    assert check_hparams(0.1, 0, 0.9) == (0.1, 0.0, 0.9)
+    for bad in ((0.0, 0.0, 0.0), (0.1, -1e-3, 0.0), (0.1, 0.0, 1.0), (float("nan"), 0.0, 0.0), (True, 0.0, 0.0)):
+        with pytest.raises(UserError):
+            check_hparams(*bad)

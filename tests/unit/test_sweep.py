@@ -1,5 +1,5 @@
 """bnlab.sweep: vectorized grid = separate torch.optim.SGD runs; divergence masking; fallback;
-executors; run dirs; relative loss of one step against a brute-force loop."""
+executors; per-cell records; the member-folding vmap rules."""
 
 import copy
 import json
@@ -9,12 +9,11 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bnlab import data, models
 from bnlab.errors import UserError
-from bnlab.sweep import LocalExecutor, ProcessExecutor, SweepResult, relative_loss, relative_loss_of, sgd_step, sweep
+from bnlab.sweep import LocalExecutor, ProcessExecutor, sgd_step, sweep
 from bnlab.train import train
 
 STEPS, BATCH = 15, 32  # 256 examples / 32 = 8 steps per epoch: the run crosses an epoch boundary
@@ -149,21 +148,27 @@ def test_auto_falls_back_when_vmap_cannot_trace_the_model(sets):
         sweep(_branchy, tr, vectorize=True, **kw)
 
 
-def test_run_dirs_one_per_cell(sets, tmp_path):
+def test_per_cell_config_records_and_summary(sets):
+    """What a caller needs to record each cell as a run (the sweep itself writes nothing)."""
     tr, te = sets
     res = sweep(_net_fn("bn"), tr, lrs=[0.05, 1e6], seeds=[0], steps=6, batch_size=BATCH, eval_data=te, eval_every=3,
-                device="cpu", out=tmp_path, name="grid", config={"model": "convnet"})
-    assert len(res.run_dirs) == 2
-    for i, p in enumerate(res.run_dirs):
-        assert p.parent == tmp_path / "grid" and (p / "complete").exists()
-        cfg = json.loads((p / "config.json").read_text())["config"]
-        assert cfg["lr"] == res.lrs[i] and cfg["seed"] == 0 and cfg["model"] == "convnet" and cfg["momentum"] == 0.0
-        summary = json.loads((p / "summary.json").read_text())
+                device="cpu", name="grid", config={"model": "convnet"})
+    assert not hasattr(res, "run_dirs")
+    for i in range(len(res)):
+        cfg = json.loads(json.dumps(res.cell_config(i)))
+        assert cfg["cell"] == i and cfg["lr"] == res.lrs[i] and cfg["seed"] == 0 and cfg["model"] == "convnet"
+        assert cfg["momentum"] == 0.0 and cfg["sweep"] == "grid"
+        summary = json.loads(json.dumps(res.summary(i)))
         assert summary["diverged"] == bool(res.diverged[i]) and summary["lr"] == res.lrs[i]
-        lines = [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
+        lines = json.loads(json.dumps(res.metric_records(i)))
         steps = [r for r in lines if r.get("event") != "eval"]
         assert len(steps) == res.steps_taken[i] + (1 if res.diverged_at[i] == res.steps_taken[i] else 0)
-        assert [r["step"] for r in lines if r.get("event") == "eval"][-1] == res.steps_taken[i]
+        evals = [r["step"] for r in lines if r.get("event") == "eval"]
+        assert evals[-1] == res.steps_taken[i] and evals == sorted(evals)
+        for k, r in enumerate(lines):  # a periodic evaluation follows the step record that precedes it
+            if r.get("event") == "eval" and k + 1 < len(lines):
+                assert lines[k - 1]["step"] == r["step"] - 1
+    assert [r.get("event") for r in res.metric_records(0)].count("eval") == 2  # steps 3 and 6
 
 
 def test_local_executor_groups_and_bad_inputs(sets):
@@ -206,60 +211,6 @@ def test_sgd_step_equals_torch_sgd():
     torch.testing.assert_close(W, torch.stack([p.detach() for p in refs]), rtol=1e-6, atol=1e-7)
 
 
-# ------------------------------------------------------------------------------------ relative loss
-def _relative_loss_loop(model, batch, alphas):
-    """Brute force: a deepcopy in train mode, L(w - α g) / L(w) by in-place parameter moves."""
-    x, y = batch
-    net = copy.deepcopy(model).train()
-    loss0 = F.cross_entropy(net(x), y)
-    params = [p for p in net.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(loss0, params)
-    out = []
-    for a in alphas:
-        moved = copy.deepcopy(net)
-        with torch.no_grad():
-            for p, g in zip([p for p in moved.parameters() if p.requires_grad], grads):
-                p -= a * g
-            out.append(float(F.cross_entropy(moved(x), y)) / float(loss0))
-    return torch.tensor(out, dtype=torch.float64)
-
-
-@pytest.mark.parametrize("norm", ["bn", "none"])
-def test_relative_loss_equals_loop_and_leaves_the_model_unchanged(sets, norm):
-    tr, _ = sets
-    net = models.make("convnet", norm=norm, in_shape=(1, 8, 8), num_classes=10, width=4, seed=0, freeze_last=True)
-    batch = (tr.x[:64], tr.y[:64])
-    F.cross_entropy(net(batch[0]), batch[1]).backward()  # BN stats move once, .grad is set
-    net.eval()
-    before = {k: v.clone() for k, v in list(net.state_dict().items())}
-    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-    rng = torch.get_rng_state()
-    alphas = [1e-3, 1e-2, 0.1, 1.0, 10.0]
-    got = relative_loss(net, batch, F.cross_entropy, alphas)
-    ref = _relative_loss_loop(net, batch, alphas)
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    loop = relative_loss(net, batch, F.cross_entropy, alphas, vectorize=False)
-    torch.testing.assert_close(got, loop, rtol=1e-6, atol=1e-7)
-    assert got.dtype == torch.float64 and got.shape == (5,)
-    assert not net.training and all(not m.training for m in net.modules())
-    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
-    assert all(torch.equal(grads[n], p.grad) for n, p in net.named_parameters() if p.grad is not None)
-    assert torch.equal(rng, torch.get_rng_state())
-
-
-def test_relative_loss_of_a_quadratic():
-    a = torch.tensor([1.0, 10.0], dtype=torch.float64)
-    f = lambda p: 0.5 * (a * p["w"] ** 2).sum()  # noqa: E731
-    w = torch.ones(2, dtype=torch.float64)
-    alphas = torch.tensor([0.0, 0.05, 0.1, 0.3])
-    got = relative_loss_of(f, {"w": w}, alphas)
-    expect = torch.stack([f({"w": w * (1 - s * a)}) for s in alphas.double()]) / f({"w": w})
-    torch.testing.assert_close(got, expect)
-    assert got[0] == 1.0 and got[-1] > 1.0  # a step past 2/λ_max increases the loss
-    with pytest.raises(UserError):
-        relative_loss_of(f, {"w": w}, [])
-
-
 # ------------------------------------------------------------------ the member-folding vmap rules
 _LAYERS = {
     "conv2d+bias": (lambda: nn.Conv2d(3, 6, 3, padding=1), (3, 6, 6)),
@@ -289,7 +240,7 @@ def test_stacked_layer_rules_equal_per_member_calls(layer, shared_input):
     own module output, input gradient, parameter gradients and BN running statistics."""
     from torch.func import functional_call, vmap
 
-    from bnlab.sweep import _use_stacked_layers
+    from bnlab.sweep.layers import use_stacked_layers
 
     make, shape = _LAYERS[layer]
     M, N = 3, 6
@@ -307,7 +258,7 @@ def test_stacked_layer_rules_equal_per_member_calls(layer, shared_input):
     params = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in mods]).requires_grad_() for n in names}
     buffers = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in mods]).clone() for n, _ in mods[0].named_buffers()}
     template = copy.deepcopy(mods[0])
-    _use_stacked_layers(template)
+    use_stacked_layers(template)
     xs = x.clone().requires_grad_()
     out = vmap(lambda st, xi: functional_call(template, st, (xi,)), in_dims=(0, None if shared_input else 0))({**params, **buffers}, xs)
     weights = torch.randn(out.shape, generator=gen, dtype=out.dtype)

@@ -10,18 +10,22 @@ import pytest
 import torch
 from PIL import Image
 
+from bnlab.analysis import first_index_over
 from bnlab.errors import UserError
 from bnlab.schedules import wd_equivalent_alpha
 from bnlab.toy import (
     TOY_LOSS,
     ToyLoss,
+    check_settings,
     direction_deviation,
-    first_exceedance,
+    gradient_residuals,
     run_exp_lr,
     run_gd,
     run_toy,
+    simulate,
     toy_grad,
     toy_loss,
+    toy_numbers,
 )
 
 W0 = (-0.7, 0.7)
@@ -97,10 +101,10 @@ def test_float32_runs_stay_float32():
     assert run_exp_lr(W0, steps=5, lr=0.1, weight_decay=0.01, dtype=np.float32).dtype == np.float32
 
 
-def test_first_exceedance_and_deviation():
-    assert first_exceedance(np.array([0.0, 1e-9, 1e-3, 0.0]), 1e-6) == 2
-    assert first_exceedance(np.array([0.0, 1e-9]), 1e-6) is None
-    assert first_exceedance(np.array([0.0, np.nan]), 1e-6) == 1
+def test_first_index_over_and_deviation():
+    assert first_index_over(np.array([0.0, 1e-9, 1e-3, 0.0]), 1e-6) == 2
+    assert first_index_over(np.array([0.0, 1e-9]), 1e-6) is None
+    assert first_index_over(np.array([0.0, np.nan]), 1e-6) == 1
     a = np.array([[1.0, 0.0], [0.0, 2.0]])
     np.testing.assert_allclose(direction_deviation(a, 5 * a[::-1]), [math.pi / 2, math.pi / 2], rtol=1e-15)
 
@@ -114,6 +118,13 @@ def test_first_exceedance_and_deviation():
         lambda: run_gd(W0, steps=5, lr=0.1, momentum=1.0),
         lambda: run_exp_lr(W0, steps=100000, lr=1.0, weight_decay=0.02, dtype="float32"),
         lambda: run_toy("unused", steps=10, frames=100),
+        lambda: check_settings(steps=10, lr=1.0, weight_decay=0.02, tol=0.0),
+        lambda: check_settings(steps=10, lr=1.0, weight_decay=0.02, w0=(1.0, 2.0, 3.0)),
+        lambda: check_settings(steps=3000, lr=1.0, weight_decay=0.02),  # float32 exponential run overflows
+        lambda: check_settings(steps=10, lr=1.0, weight_decay=1.5),  # no equivalent exponential schedule
+        lambda: gradient_residuals(radii=(0.0, 1.0)),
+        lambda: gradient_residuals(scales=()),
+        lambda: gradient_residuals(angles=0),
     ],
 )
 def test_bad_input_is_a_user_error(call):
@@ -154,3 +165,40 @@ def test_custom_toy_loss():
     assert loss(np.array([1.0, 0.0])) == pytest.approx(-0.5)
     minima, _ = loss.critical_angles()
     np.testing.assert_allclose(np.abs(minima), [np.pi, 0.0], atol=1e-9)  # -π and 0
+
+
+def test_check_settings_accepts_the_defaults_and_writes_nothing(tmp_path):
+    check_settings(steps=400, lr=1.0, weight_decay=0.02)
+    check_settings(steps=1800, lr=1.0, weight_decay=0.02, momentum=0.0, dtype="float32", frames=60, tol=1e-9)
+    with pytest.raises(UserError):
+        run_toy(tmp_path / "never", steps=10, frames=1)
+    assert not (tmp_path / "never").exists()  # validated before anything is written
+
+
+def test_gradient_residuals_are_round_off_and_can_fail():
+    r = gradient_residuals()
+    assert r["points"] == 7 * 64
+    assert r["orthogonality"] < 1e-14 and r["scaling"] < 1e-13 and r["analytic_gap"] < 1e-13
+    json.dumps(r)
+
+    class Tilted(ToyLoss):  # not scale-invariant: L depends on the norm as well
+        def __call__(self, w):
+            return super().__call__(w) + 0.1 * (w**2).sum(-1)
+
+    bad = gradient_residuals(Tilted(), radii=(0.5, 2.0), angles=8)
+    assert bad["orthogonality"] > 1e-3 and bad["scaling"] > 1e-3
+
+
+def test_simulate_and_toy_numbers_are_what_run_toy_reports(tmp_path):
+    sim = simulate(steps=120, lr=1.0, weight_decay=0.02)
+    assert set(sim["runs"]) == {"no_wd", "wd", "exp_lr"} and sim["ablation"] is None
+    assert all(v.shape == (121, 2) for v in sim["runs"].values())
+    assert all(v.shape == (121,) and v.dtype == np.float64 for v in sim["deviation"].values())
+    nums = toy_numbers(sim, w0=W0, tol=1e-6)
+    res = run_toy(tmp_path, steps=120, frames=2, dpi=30)
+    for key, value in nums.items():
+        assert res[key] == value, key
+    assert nums["first_deviation_step"] == {"float64": None, "float32": 32}
+    # the start basin's minimum is the local minimum the plain GD run stalls in
+    assert nums["start_basin_min_loss"] == pytest.approx(nums["final_loss"]["no_wd"], abs=1e-12)
+    assert nums["global_min_loss"] < nums["start_basin_min_loss"] - 0.3

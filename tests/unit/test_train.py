@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from bnlab import data, models
 from bnlab.monitor import Monitor
 from bnlab.probes import GradNorm, LearningRate, Probe, WeightNorm
-from bnlab.train import History, evaluate, make_optimizer, train
+from bnlab.train import evaluate, make_optimizer, train
 
 
 def _setup(norm="bn", seed=0, lr=0.05, momentum=0.9, n=256):
@@ -31,6 +31,23 @@ def test_same_seed_gives_bit_identical_weights():
     tr, net, opt = _setup()
     train(net, tr, opt, steps=12, batch_size=32, seed=6, device="cpu")
     assert not all(torch.equal(a, b) for a, b in zip(outs[0], _state(net)))
+
+
+def test_log_sinks_receive_every_record(tmp_path):
+    """A list, a callable and a run directory (``.append_metrics``) get the same records."""
+    from bnlab.runs import RunDir
+
+    tr, net, opt = _setup()
+    as_list, called = [], []
+    h = train(net, tr, opt, steps=3, batch_size=64, eval_every=2, device="cpu", log=as_list)
+    tr, net, opt = _setup()
+    train(net, tr, opt, steps=3, batch_size=64, eval_every=2, device="cpu", log=called.append)
+    tr, net, opt = _setup()
+    run = RunDir.create(tmp_path, "t", {"x": 1})
+    train(net, tr, opt, steps=3, batch_size=64, eval_every=2, device="cpu", log=run)
+    run.finish()
+    assert len(as_list) == len(h.records) + len(h.evals) and [r["step"] for r in called] == [r["step"] for r in as_list]
+    assert len((run.path / "metrics.jsonl").read_text().splitlines()) == len(as_list)
 
 
 def test_full_batch_step_is_gradient_descent():

@@ -52,7 +52,7 @@ al. use 10,000; one train-mode batch of that size through ResNet-110 takes sever
    classes) and ``ratio = Σ_k |Σ_i G_ik| / Σ_k Σ_i |G_ik|`` (1: every example pushes each logit the
    same way, i.e. the net predicts alike for all inputs).
 
-**Claims and thresholds** (fixed before running):
+**Claims and thresholds** (:class:`Thresholds`, fixed before running):
 
 * ``moments-grow-without-bn``: the fitted total growth over the inner layers is at least
   ``grow_min`` (10x) for both the channel |mean| and the channel std of the plain net.
@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -78,44 +79,72 @@ from torch import nn
 
 from .. import data as data_mod
 from .. import models
+from ..analysis import deep_vs_shallow, diverging_updates, fit_growth
 from ..probes.activations import ActivationStats, UpdateInterpolation, activation_stats, gradient_alignment, output_gradients
 from ..runs import RunDir
 from ..train import make_optimizer, train
-from . import Claim, Experiment, Result, judge, register_experiment
+from .base import Claim, Context, Experiment, register_experiment, verdict
 
 SOURCE = "Bjorck et al. 2018"
 
-_QUICK = dict(
-    data="mnist1d", model="preresnet", depth=26, width=16, seed=0, n_init=1024, grad_examples=64,
-    diverge_lrs=[0.003, 0.01, 0.03, 0.1], momentum=0.9, batch_size=128, diverge_max_steps=40, s_points=21,
-    sv_n=128, sv_k_max=50, sv_trials=8,
-    grow_min=10.0, flat_max=2.0, deep_vs_shallow_min=10.0, ratio_alike_min=0.9, ratio_bn_max=0.5, sv_growth_min=2.0,
-)
+
+@dataclass(frozen=True)
+class Config:
+    """What ``activations`` measures and trains (hashed: names the run)."""
+
+    data: str = "mnist1d"
+    """Dataset (``bnlab list``)."""
+    model: str = "preresnet"
+    """Model (``bnlab list``): a residual net, as Bjorck et al.'s ResNet-110 without BN."""
+    depth: int = 26
+    """Model depth (weight layers)."""
+    width: int = 16
+    """Model width."""
+    seed: int = 0
+    """Seed of the split, the initialization, the example choice, the batch order and the random matrices."""
+    n_init: int = 1024
+    """Training examples of the one train-mode pass that measures the moments at initialization."""
+    grad_examples: int = 64
+    """Training examples (sorted by label) of the output gradients at initialization."""
+    diverge_lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1)
+    """Learning rates tried, smallest first, for the plain run that diverges (the first that does is used)."""
+    momentum: float = 0.9
+    """SGD momentum of the diverging run (and of the BN run at the same LR)."""
+    batch_size: int = 128
+    """Examples per training step."""
+    diverge_max_steps: int = 40
+    """Most steps of the diverging run."""
+    s_points: int = 21
+    """Positions s in [0, 1] along the diverging update ``w + sΔw`` (heat maps against s)."""
+    sv_n: int = 128
+    """Size n of the random n x n Gaussian matrices."""
+    sv_k_max: int = 50
+    """Most matrices k in the random products."""
+    sv_trials: int = 8
+    """Independent random products per scaling (the median over them is judged)."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The numbers of ``activations``'s decision rules."""
+
+    grow_min: float = 10.0
+    """``moments-grow-without-bn`` holds when the plain net's fitted total growth of both moments is at least this."""
+    flat_max: float = 2.0
+    """``moments-flat-with-bn`` holds when the BN net's fitted totals both lie within [1/this, this]."""
+    deep_vs_shallow_min: float = 10.0
+    """``deep-layers-blow-up-along-diverging-update`` holds when the deep/shallow std growth ratio is at least this."""
+    ratio_alike_min: float = 0.9
+    """``output-gradient-rows-alike-without-bn`` needs the plain net's alignment ratio to be at least this."""
+    ratio_bn_max: float = 0.5
+    """``output-gradient-rows-alike-without-bn`` also needs the BN net's alignment ratio to be at most this."""
+    sv_growth_min: float = 2.0
+    """``singular-value-ratio-grows`` holds when the median ratio at k = sv_k_max over that at k = 1 is at least this, both scalings."""
 
 
 def main_path_layers(name: str, module: nn.Module) -> bool:
     """Every convolution and linear layer except residual shortcuts (1x1 convs named ``shortcut``)."""
     return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and not name.split(".")[-1].startswith("shortcut")
-
-
-def fit_growth(values, first: int = 1, last_excluded: int = 1) -> dict:
-    """Least-squares line of ``log10(values)`` against layer index over ``values[first:-last_excluded]``.
-
-    Returns:
-        ``slope`` (log10 per layer), ``factor`` = 10^slope (growth per layer) and ``total`` =
-        factor^(n - 1) over the ``n`` fitted layers; ``nan`` if fewer than 2 finite positive values.
-    """
-    v = np.asarray(values, dtype=float)
-    idx = np.arange(len(v))
-    sel = slice(first, len(v) - last_excluded if last_excluded else None)
-    x, y = idx[sel], v[sel]
-    ok = np.isfinite(y) & (y > 0)
-    if ok.sum() < 2:
-        return {"slope": math.nan, "factor": math.nan, "total": math.nan, "n": int(ok.sum())}
-    slope, icept = np.polyfit(x[ok], np.log10(y[ok]), 1)
-    n = len(y)
-    return {"slope": float(slope), "intercept": float(icept), "factor": float(10**slope), "total": float(10 ** (slope * (n - 1))),
-            "n": int(n), "first": int(x[0]), "last": int(x[-1])}
 
 
 def singular_value_products(n: int, k_max: int, trials: int, std: float, seed: int) -> dict:
@@ -152,25 +181,6 @@ def _products(rng, n, k_max, trials, std, ratio, smax, smean) -> None:
             ratio[t, k] = s[0] / s.mean()
 
 
-def diverging_updates(rels: list[tuple[int, float]], diverged: bool) -> tuple:
-    """``(t_first, t_div)`` from the per-step relative losses ``[(step, L_B(w_{t+1}) / L_B(w_t))]``.
-
-    ``t_first``: the first update that increased its batch loss (relative loss > 1 or not finite).
-    ``t_div``: for a run that diverged, the first update of the final streak of loss-increasing
-    updates (the start of the divergence); otherwise ``t_first``. ``None`` when there is none.
-    """
-    bad = [(t, not (r <= 1.0)) for t, r in rels]
-    t_first = next((t for t, b in bad if b), None)
-    if not diverged:
-        return t_first, t_first
-    t_div = None
-    for t, b in reversed(bad):
-        if not b:
-            break
-        t_div = t
-    return t_first, (t_div if t_div is not None else t_first)
-
-
 def _summaries(stats: dict) -> dict:
     """Per-layer arrays from ``{layer: ChannelStats}``: averages and 10/90 % quantiles over channels."""
     names = list(stats)
@@ -195,6 +205,8 @@ def _history_matrix(history: list, layers: list[str]) -> dict:
                 for k in mats:
                     mats[k][i, j] = sm[k]
     return steps, mats
+
+
 
 
 def _label(norm: str) -> str:
@@ -232,38 +244,39 @@ class Activations(Experiment):
               SOURCE, "median ratio at k = sv_k_max over the ratio at k = 1, both scalings",
               "holds if >= sv_growth_min (default 2) for both"),
     )
+    Config = Config
+    Thresholds = Thresholds
     profiles = {
-        "tiny": {**_QUICK, "data": "digits", "depth": 8, "width": 4, "n_init": 128, "grad_examples": 32, "diverge_lrs": [1.0],
-                 "diverge_max_steps": 4, "s_points": 3, "sv_n": 16, "sv_k_max": 8, "sv_trials": 2},
-        "quick": dict(_QUICK),
-        "paper": {**_QUICK, "data": "cifar10", "depth": 110, "n_init": 2000, "grad_examples": 128, "diverge_max_steps": 100,
-                  "sv_n": 1000, "sv_k_max": 100, "sv_trials": 10},
+        "tiny": Config(data="digits", depth=8, width=4, n_init=128, grad_examples=32, diverge_lrs=(1.0,),
+                       diverge_max_steps=4, s_points=3, sv_n=16, sv_k_max=8, sv_trials=2),
+        "quick": Config(),
+        "paper": Config(data="cifar10", depth=110, n_init=2000, grad_examples=128, diverge_max_steps=100,
+                        sv_n=1000, sv_k_max=100, sv_trials=10),
     }
 
-    # ------------------------------------------------------------------ run
-    def run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
+    # ------------------------------------------------------------------ measure
+    def measure(self, cfg: Config, run: RunDir, ctx: Context) -> dict:
         from ..train import resolve_device
 
         t_start = time.perf_counter()
-        dev = resolve_device(device)
-        tr = data_mod.load(cfg["data"], split="train", seed=cfg["seed"])
-        make = partial(models.make, cfg["model"], in_shape=tr.in_shape, num_classes=tr.num_classes, width=cfg["width"],
-                       depth=cfg["depth"], seed=cfg["seed"])
-        perm = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg["seed"] + 2))
-        x_init = tr.x[perm[: cfg["n_init"]]].to(dev)
-        gi = perm[: cfg["grad_examples"]]
+        dev = resolve_device(ctx.device)
+        tr = data_mod.load(cfg.data, split="train", seed=cfg.seed)
+        make = partial(models.make, cfg.model, in_shape=tr.in_shape, num_classes=tr.num_classes, width=cfg.width,
+                       depth=cfg.depth, seed=cfg.seed)
+        perm = torch.randperm(len(tr), generator=torch.Generator().manual_seed(cfg.seed + 2))
+        x_init = tr.x[perm[: cfg.n_init]].to(dev)
+        gi = perm[: cfg.grad_examples]
         order = torch.argsort(tr.y[gi], stable=True)
         x_g, y_g = tr.x[gi][order].to(dev), tr.y[gi][order].to(dev)
-        summary: dict = {"timings": {}}
+        summary: dict = {"grad_examples": cfg.grad_examples, "sv_n": cfg.sv_n, "sv_k_max": cfg.sv_k_max,
+                         "sv_trials": cfg.sv_trials, "timings": {}}
         arrays: dict = {}
 
         # (1) moments against depth, (4) output gradients: at initialization
         t0 = time.perf_counter()
-        init = {}
         for norm in ("none", "bn"):
             net = make(norm=norm).to(dev).train()
             s = _summaries(activation_stats(net, x_init, main_path_layers))
-            init[norm] = s
             arrays.update({f"init_{norm}_{k}": v for k, v in s.items()})
             g = output_gradients(net, (x_g, y_g)).cpu()
             arrays[f"grad_{norm}"] = g.numpy()
@@ -274,16 +287,16 @@ class Activations(Experiment):
             summary[f"output_gradients_{norm}"] = al
             fits = {k: fit_growth(s[k]) for k in ("abs_mean", "std")}
             summary[f"growth_{norm}"] = fits
-            run.write({"event": "init", "norm": norm, "layers": list(s["layers"]), "abs_mean": s["abs_mean"], "std": s["std"],
-                       "growth": fits, "output_gradients": al})
+            run.append_metrics({"event": "init", "norm": norm, "layers": list(s["layers"]), "abs_mean": s["abs_mean"],
+                                "std": s["std"], "growth": fits, "output_gradients": al})
         arrays["grad_labels"] = y_g.cpu().numpy()
         summary["timings"]["init"] = round(time.perf_counter() - t0, 2)
 
         # (3) random products
         t0 = time.perf_counter()
-        n = cfg["sv_n"]
+        n = cfg.sv_n
         for scheme, std, off in (("he", math.sqrt(2.0 / n), 11), ("xavier", math.sqrt(1.0 / n), 12)):
-            sv = singular_value_products(n, cfg["sv_k_max"], cfg["sv_trials"], std, cfg["seed"] + off)
+            sv = singular_value_products(n, cfg.sv_k_max, cfg.sv_trials, std, cfg.seed + off)
             arrays.update({f"sv_{scheme}_{k}": v for k, v in sv.items()})
             med = np.median(sv["ratio"], axis=0)
             summary[f"sv_{scheme}"] = {"ratio_k1": float(med[0]), "ratio_kmax": float(med[-1]), "growth": float(med[-1] / med[0]),
@@ -292,26 +305,23 @@ class Activations(Experiment):
 
         # (2) a large-LR plain run that diverges, its first diverging update, and BN at the same LR
         t0 = time.perf_counter()
-        div = self._diverging_run(cfg, tr, make, run, dev, arrays, progress)
-        summary["diverging_run"] = div
+        summary["diverging_run"] = self._diverging_run(cfg, tr, make, run, dev, arrays, ctx)
         summary["timings"]["diverging_run"] = round(time.perf_counter() - t0, 2)
 
         run.save_arrays("activations.npz", **arrays)
-        verdicts, numbers = _judge(cfg, summary, arrays)
-        summary.update(numbers)
         summary["seconds"] = round(time.perf_counter() - t_start, 1)
-        return Result(summary=summary, verdicts=verdicts)
+        return summary
 
-    def _diverging_run(self, cfg, tr, make, run, dev, arrays, progress) -> dict:
-        kw = dict(batch_size=cfg["batch_size"], eval_train=False, device=dev, seed=cfg["seed"])
+    def _diverging_run(self, cfg: Config, tr, make, run: RunDir, dev, arrays: dict, ctx: Context) -> dict:
+        kw = dict(batch_size=cfg.batch_size, eval_train=False, device=dev, seed=cfg.seed)
         chosen = None
         tried = []
-        for lr in sorted(cfg["diverge_lrs"]):
+        for lr in sorted(cfg.diverge_lrs):
             net = make(norm="none")
             act = ActivationStats(every=1, layers=main_path_layers, keep=True)
             rel = UpdateInterpolation(every=1, s=[0.0, 1.0], layers=main_path_layers, emit_layers=False, keep=False)
-            h = train(net, tr, make_optimizer(net.parameters(), lr=lr, momentum=cfg["momentum"]), steps=cfg["diverge_max_steps"],
-                      probes=[act, rel], progress=f"{self.name} none@{lr:g}" if progress else False, **kw)
+            h = train(net, tr, make_optimizer(net.parameters(), lr=lr, momentum=cfg.momentum), steps=cfg.diverge_max_steps,
+                      probes=[act, rel], progress=ctx.bar(f"{self.name} none@{lr:g}"), **kw)
             tried.append({"lr": lr, "diverged": h.diverged, "diverged_at": h.diverged_at})
             chosen = (lr, h, act)
             if h.diverged:
@@ -319,7 +329,7 @@ class Activations(Experiment):
         lr, h, act = chosen
         layers = list(act.history[0][1]) if act.history else []
         for r in h.records:
-            run.write({"arm": f"none@{lr:g}", "kind": "diverging_run", **{k: v for k, v in r.items() if not k.startswith("act/")}})
+            run.append_metrics({"arm": f"none@{lr:g}", "kind": "diverging_run", **{k: v for k, v in r.items() if not k.startswith("act/")}})
         steps, mats = _history_matrix(act.history, layers)
         arrays["diverge_lr"] = np.float64(lr)
         arrays.update({"train_none_steps": steps, "train_layers": np.array(layers), "train_none_loss": np.array([r.get("loss", np.nan) for r in h.records]),
@@ -335,10 +345,10 @@ class Activations(Experiment):
         net = make(norm="bn")
         act_bn = ActivationStats(every=1, layers=main_path_layers, keep=True)
         n_steps = max(1, len(steps))
-        hb = train(net, tr, make_optimizer(net.parameters(), lr=lr, momentum=cfg["momentum"]), steps=n_steps, probes=[act_bn],
-                   progress=f"{self.name} bn@{lr:g}" if progress else False, **kw)
+        hb = train(net, tr, make_optimizer(net.parameters(), lr=lr, momentum=cfg.momentum), steps=n_steps, probes=[act_bn],
+                   progress=ctx.bar(f"{self.name} bn@{lr:g}"), **kw)
         for r in hb.records:
-            run.write({"arm": f"bn@{lr:g}", "kind": "bn_same_lr", **{k: v for k, v in r.items() if not k.startswith("act/")}})
+            run.append_metrics({"arm": f"bn@{lr:g}", "kind": "bn_same_lr", **{k: v for k, v in r.items() if not k.startswith("act/")}})
         bn_layers = list(act_bn.history[0][1]) if act_bn.history else []
         steps_bn, mats_bn = _history_matrix(act_bn.history, bn_layers)
         arrays.update({"train_bn_steps": steps_bn, "train_bn_layers": np.array(bn_layers), "train_bn_loss": np.array([r.get("loss", np.nan) for r in hb.records]),
@@ -349,9 +359,9 @@ class Activations(Experiment):
             return info
         # repeat the plain run (bit-identical: probes never change training) with the fine interpolation at those steps
         net = make(norm="none")
-        interp = UpdateInterpolation(every=lambda st, ts=tuple(targets): st in ts, s=cfg["s_points"], layers=main_path_layers,
+        interp = UpdateInterpolation(every=lambda st, ts=tuple(targets): st in ts, s=cfg.s_points, layers=main_path_layers,
                                      emit_layers=False, keep=True)
-        train(net, tr, make_optimizer(net.parameters(), lr=lr, momentum=cfg["momentum"]), steps=targets[-1] + 1, probes=[interp], **kw)
+        train(net, tr, make_optimizer(net.parameters(), lr=lr, momentum=cfg.momentum), steps=targets[-1] + 1, probes=[interp], **kw)
         by_step = dict(interp.history)
         for prefix, t in (("interp", t_div), ("interp_first", t_first)):
             if t is None or (prefix == "interp_first" and t == t_div):
@@ -364,6 +374,65 @@ class Activations(Experiment):
             info[prefix] = {"step": t, "loss_s0": float(loss[0]), "loss_s1": float(loss[-1]), "relative_loss": float(loss[-1] / loss[0]),
                             "deep_vs_shallow": deep_vs_shallow(mats_s["std"])}
         return info
+
+    # ------------------------------------------------------------------ judge
+    def judge(self, summary: dict, th: Thresholds) -> list:
+        out = []
+        gn, gb = summary["growth_none"], summary["growth_bn"]
+        show = lambda f: f"x{f['total']:.3g} in total, x{f['factor']:.3f} per layer over layers {f.get('first')}-{f.get('last')}"
+        tot = [gn["abs_mean"]["total"], gn["std"]["total"]]
+        ok = None if not all(math.isfinite(t) for t in tot) else min(tot) >= th.grow_min
+        out.append(verdict("moments-grow-without-bn", ok, min(tot),
+                           f"no norm: channel |mean| {show(gn['abs_mean'])}; channel std {show(gn['std'])} (threshold x{th.grow_min:g} total)",
+                           f"fitted total growth over the inner layers ≥ x{th.grow_min:g} for both the channel |mean| and the "
+                           f"channel std; inconclusive if a fit is undefined"))
+        tot = [gb["abs_mean"]["total"], gb["std"]["total"]]
+        ok = None if not all(math.isfinite(t) for t in tot) else all(1 / th.flat_max <= t <= th.flat_max for t in tot)
+        worst = max(tot, key=lambda t: abs(math.log(t)) if t > 0 and math.isfinite(t) else math.inf)
+        out.append(verdict("moments-flat-with-bn", ok, worst,
+                           f"BN: channel |mean| {show(gb['abs_mean'])}; channel std {show(gb['std'])} (threshold within x{th.flat_max:g} either way)",
+                           f"both fitted totals within [1/{th.flat_max:g}, {th.flat_max:g}]; inconclusive if a fit is undefined"))
+
+        div = summary["diverging_run"]
+        rule = (f"deep/shallow growth of the channel std along the diverging update ≥ {th.deep_vs_shallow_min:g}; "
+                f"inconclusive if undefined or no update increased its batch loss")
+        if "interp" in div:
+            it = div["interp"]
+            d = it["deep_vs_shallow"]
+            ok = None if math.isnan(d["ratio"]) else d["ratio"] >= th.deep_vs_shallow_min
+            first = ""
+            if "interp_first" in div:
+                f = div["interp_first"]
+                first = (f"; the first loss-increasing update (step {f['step']}, {f['loss_s0']:.3g} -> {f['loss_s1']:.3g}) is a different "
+                         f"update: there std changes x{f['deep_vs_shallow']['shallow']:.3g} (shallow) vs x{f['deep_vs_shallow']['deep']:.3g} (deep)")
+            out.append(verdict("deep-layers-blow-up-along-diverging-update", ok, d["ratio"],
+                               f"plain net, lr {div['lr']:g}, {'diverged at step %s' % div['diverged_at'] if div['diverged'] else 'did not diverge'}; "
+                               f"update of step {it['step']} (start of the final loss-increasing streak; batch loss {it['loss_s0']:.3g} -> {it['loss_s1']:.3g}): "
+                               f"channel std grows x{d['shallow']:.3g} in the shallowest third of the inner layers vs x{d['deep']:.3g} in the deepest "
+                               f"(geometric means): ratio {d['ratio']:.3g} (threshold {th.deep_vs_shallow_min:g}){first}", rule))
+        else:
+            out.append(verdict("deep-layers-blow-up-along-diverging-update", None, None,
+                               f"no update of the plain run (lrs tried: {div['tried']}) increased its batch loss", rule))
+
+        on, ob = summary["output_gradients_none"], summary["output_gradients_bn"]
+        ok = on["ratio"] >= th.ratio_alike_min and ob["ratio"] <= th.ratio_bn_max
+        out.append(verdict("output-gradient-rows-alike-without-bn", ok, on["ratio"],
+                           f"{summary['grad_examples']} examples at initialization: ratio {on['ratio']:.3f} without BN (threshold >= "
+                           f"{th.ratio_alike_min:g}; mean row cosine {on['row_cos']:.2f}; {on['majority']:.0%} predicted as one class), "
+                           f"{ob['ratio']:.3f} with BN (threshold <= {th.ratio_bn_max:g}; row cosine {ob['row_cos']:.2f}; "
+                           f"{ob['majority']:.0%} as one class); Σ_k|Σ_i| = {on['abs_sum']:.3g} vs {ob['abs_sum']:.3g}",
+                           f"ratio ≥ {th.ratio_alike_min:g} without BN and ≤ {th.ratio_bn_max:g} with BN"))
+
+        he, xa = summary["sv_he"], summary["sv_xavier"]
+        k_max = summary["sv_k_max"]
+        ok = min(he["growth"], xa["growth"]) >= th.sv_growth_min
+        out.append(verdict("singular-value-ratio-grows", ok, min(he["growth"], xa["growth"]),
+                           f"n = {summary['sv_n']}, median of {summary['sv_trials']}: largest/mean singular value {he['ratio_k1']:.3g} at k = 1 -> "
+                           f"{he['ratio_kmax']:.3g} at k = {k_max} (He), {xa['ratio_k1']:.3g} -> {xa['ratio_kmax']:.3g} (Xavier) "
+                           f"(threshold x{th.sv_growth_min:g}); largest singular value at k = {k_max}: "
+                           f"{he['smax_kmax']:.3g} (He) vs {xa['smax_kmax']:.3g} (Xavier)",
+                           f"median ratio at k = {k_max} ≥ {th.sv_growth_min:g} × the ratio at k = 1, for He and for Xavier scaling"))
+        return out
 
     # ------------------------------------------------------------------ figures
     def figures(self, run: RunDir):
@@ -378,104 +447,9 @@ class Activations(Experiment):
         ]
 
 
-# ----------------------------------------------------------------------------- verdicts
-def _geo(v: np.ndarray) -> float:
-    """Geometric mean of growth factors, ignoring ``nan`` (undefined); any ``inf`` makes it ``inf``."""
-    v = v[~np.isnan(v)]
-    if v.size == 0:
-        return math.nan
-    if np.any(np.isinf(v)):
-        return math.inf
-    return float(np.exp(np.mean(np.log(np.maximum(v, 1e-300)))))
-
-
-def layer_growth(s0: np.ndarray, s1: np.ndarray) -> np.ndarray:
-    """``s1 / s0`` per layer: ``inf`` if ``s1`` is not finite or a dead layer (``s0 = 0``) comes alive,
-    ``nan`` (undefined, ignored) for a layer that is dead at both ends."""
-    s0, s1 = np.asarray(s0, float), np.asarray(s1, float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        g = s1 / s0
-    g = np.where(~np.isfinite(s1) | ((s0 == 0) & (s1 > 0)), np.inf, g)
-    return np.where((s0 == 0) & (s1 == 0), np.nan, g)
-
-
-def deep_vs_shallow(std_s: np.ndarray) -> dict:
-    """From the ``[S, L]`` channel-std matrix along an update: growth ``std(s=1)/std(s=0)`` per inner
-    layer (:func:`layer_growth`), and its geometric means over the shallowest and the deepest
-    thirds of the inner layers (all but the first and the last layer)."""
-    g = layer_growth(std_s[0], std_s[-1])[1:-1]
-    k = max(1, len(g) // 3)
-    shallow, deep = _geo(g[:k]), _geo(g[-k:])
-    if math.isnan(shallow) or math.isnan(deep) or (math.isinf(deep) and math.isinf(shallow)):
-        ratio = math.nan
-    elif math.isinf(deep):
-        ratio = math.inf
-    else:
-        ratio = deep / shallow
-    return {"growth_per_layer": g.tolist(), "shallow": shallow, "deep": deep, "ratio": ratio}
-
-
-def _judge(cfg: dict, summary: dict, arrays: dict):
-    verdicts, numbers = [], {}
-    gn, gb = summary["growth_none"], summary["growth_bn"]
-    fmt = lambda f: f"x{f['total']:.3g} in total, x{f['factor']:.3f} per layer over layers {f.get('first')}-{f.get('last')}"
-    tot = [gn["abs_mean"]["total"], gn["std"]["total"]]
-    ok = None if not all(math.isfinite(t) for t in tot) else min(tot) >= cfg["grow_min"]
-    verdicts.append(judge("moments-grow-without-bn", ok, min(tot),
-                          f"no norm: channel |mean| {fmt(gn['abs_mean'])}; channel std {fmt(gn['std'])} (threshold x{cfg['grow_min']:g} total)"))
-    tot = [gb["abs_mean"]["total"], gb["std"]["total"]]
-    ok = None if not all(math.isfinite(t) for t in tot) else all(1 / cfg["flat_max"] <= t <= cfg["flat_max"] for t in tot)
-    worst = max(tot, key=lambda t: abs(math.log(t)) if t > 0 and math.isfinite(t) else math.inf)
-    verdicts.append(judge("moments-flat-with-bn", ok, worst,
-                          f"BN: channel |mean| {fmt(gb['abs_mean'])}; channel std {fmt(gb['std'])} (threshold within x{cfg['flat_max']:g} either way)"))
-
-    div = summary["diverging_run"]
-    if "interp_std" in arrays:
-        d = div["interp"]["deep_vs_shallow"]
-        numbers["diverging_update"] = d
-        ok = None if math.isnan(d["ratio"]) else d["ratio"] >= cfg["deep_vs_shallow_min"]
-        it = div["interp"]
-        first = ""
-        if "interp_first" in div:
-            f = div["interp_first"]
-            first = (f"; the first loss-increasing update (step {f['step']}, {f['loss_s0']:.3g} -> {f['loss_s1']:.3g}) is a different "
-                     f"update: there std changes x{f['deep_vs_shallow']['shallow']:.3g} (shallow) vs x{f['deep_vs_shallow']['deep']:.3g} (deep)")
-        verdicts.append(judge("deep-layers-blow-up-along-diverging-update", ok, d["ratio"],
-                              f"plain net, lr {div['lr']:g}, {'diverged at step %s' % div['diverged_at'] if div['diverged'] else 'did not diverge'}; "
-                              f"update of step {it['step']} (start of the final loss-increasing streak; batch loss {it['loss_s0']:.3g} -> {it['loss_s1']:.3g}): "
-                              f"channel std grows x{d['shallow']:.3g} in the shallowest third of the inner layers vs x{d['deep']:.3g} in the deepest "
-                              f"(geometric means): ratio {d['ratio']:.3g} (threshold {cfg['deep_vs_shallow_min']:g}){first}"))
-    else:
-        verdicts.append(judge("deep-layers-blow-up-along-diverging-update", None, None,
-                              f"no update of the plain run (lrs tried: {div['tried']}) increased its batch loss"))
-
-    on, ob = summary["output_gradients_none"], summary["output_gradients_bn"]
-    ok = on["ratio"] >= cfg["ratio_alike_min"] and ob["ratio"] <= cfg["ratio_bn_max"]
-    verdicts.append(judge("output-gradient-rows-alike-without-bn", ok, on["ratio"],
-                          f"{cfg['grad_examples']} examples at initialization: ratio {on['ratio']:.3f} without BN (threshold >= "
-                          f"{cfg['ratio_alike_min']:g}; mean row cosine {on['row_cos']:.2f}; {on['majority']:.0%} predicted as one class), "
-                          f"{ob['ratio']:.3f} with BN (threshold <= {cfg['ratio_bn_max']:g}; row cosine {ob['row_cos']:.2f}; "
-                          f"{ob['majority']:.0%} as one class); Σ_k|Σ_i| = {on['abs_sum']:.3g} vs {ob['abs_sum']:.3g}"))
-
-    he, xa = summary["sv_he"], summary["sv_xavier"]
-    ok = min(he["growth"], xa["growth"]) >= cfg["sv_growth_min"]
-    verdicts.append(judge("singular-value-ratio-grows", ok, min(he["growth"], xa["growth"]),
-                          f"n = {cfg['sv_n']}, median of {cfg['sv_trials']}: largest/mean singular value {he['ratio_k1']:.3g} at k = 1 -> "
-                          f"{he['ratio_kmax']:.3g} at k = {cfg['sv_k_max']} (He), {xa['ratio_k1']:.3g} -> {xa['ratio_kmax']:.3g} (Xavier) "
-                          f"(threshold x{cfg['sv_growth_min']:g}); largest singular value at k = {cfg['sv_k_max']}: "
-                          f"{he['smax_kmax']:.3g} (He) vs {xa['smax_kmax']:.3g} (Xavier)"))
-    return verdicts, numbers
-
-
 # ----------------------------------------------------------------------------- figures
-_FLOOR = 1e-6
-
-
-def _log10(m: np.ndarray) -> np.ma.MaskedArray:
-    """log10 of magnitudes floored at 1e-6 (a dead layer's std is exactly 0); non-finite masked."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        v = np.log10(np.maximum(np.abs(m), _FLOOR))
-    return np.ma.masked_invalid(np.where(np.isfinite(m), v, np.nan))
+_FLOOR = 1e-6  # a dead layer's std is exactly 0: heat maps show log10 of magnitudes floored here
+_LAYERS = "layer (0 = first conv)"
 
 
 def _fig_moments(cfg, a, path):
@@ -503,28 +477,8 @@ def _fig_moments(cfg, a, path):
         return save(fig, path)
 
 
-def _heat(ax, fig, m, x, title, xlabel, cmap="viridis"):
-    import matplotlib as mpl
-
-    cm = mpl.colormaps[cmap].with_extremes(bad="lightgrey")
-    mm = _log10(m.T)  # rows: layers (0 = first), columns: steps / s
-    extent = None
-    im = ax.imshow(mm, aspect="auto", origin="lower", cmap=cm, interpolation="nearest", extent=extent)
-    n = len(x)
-    ticks = np.unique(np.linspace(0, n - 1, min(n, 8)).round().astype(int))
-    ax.set_xticks(ticks)
-    ax.set_xticklabels([f"{x[t]:g}" for t in ticks], fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("layer (0 = first conv)")
-    ax.set_title(title, fontsize=8)
-    ax.grid(False)
-    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    cb.set_label(f"log10 (floored at {_FLOOR:g})", fontsize=7)
-    cb.ax.tick_params(labelsize=7)
-
-
 def _fig_training_heatmaps(cfg, a, path):
-    from ..plotting import STYLE, plt, save
+    from ..plotting import STYLE, heatmap, plt, save
 
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(2, 2, figsize=(10, 6.4))
@@ -537,7 +491,7 @@ def _fig_training_heatmaps(cfg, a, path):
             loss = a[f"train_{norm}_loss"]
             for col, (key, what) in enumerate((("abs_mean", "average |channel mean|"), ("std", "average channel std"))):
                 title = f"{_label(norm)}: {what}"
-                _heat(axes[row, col], fig, a[f"train_{norm}_{key}"], steps, title, "training step")
+                heatmap(axes[row, col], fig, a[f"train_{norm}_{key}"], steps, title=title, xlabel="training step", ylabel=_LAYERS, log_floor=_FLOOR)
             lt = ", ".join(f"{v:.3g}" for v in loss[:8]) + (" ..." if len(loss) > 8 else "")
             axes[row, 0].text(0.0, -0.32, f"loss per step: {lt}", transform=axes[row, 0].transAxes, fontsize=7, va="top")
         lr = float(a["diverge_lr"]) if "diverge_lr" in a else None
@@ -548,7 +502,7 @@ def _fig_training_heatmaps(cfg, a, path):
 
 
 def _fig_interp(cfg, a, path):
-    from ..plotting import STYLE, plt, save
+    from ..plotting import STYLE, heatmap, plt, save
 
     rows = [(p, w) for p, w in (("interp", "the diverging update (start of the final loss-increasing streak)"),
                                  ("interp_first", "the first loss-increasing update")) if f"{p}_s" in a]
@@ -563,7 +517,8 @@ def _fig_interp(cfg, a, path):
             s = a[f"{prefix}_s"]
             step = int(a[f"{prefix}_step"])
             for ax, (key, what) in zip(axes[row, :2], (("abs_mean", "average |channel mean|"), ("std", "average channel std"))):
-                _heat(ax, fig, a[f"{prefix}_{key}"], s, f"step {step}: {what} along w + sΔw", "s (fraction of the update applied)")
+                heatmap(ax, fig, a[f"{prefix}_{key}"], s, title=f"step {step}: {what} along w + sΔw",
+                        xlabel="s (fraction of the update applied)", ylabel=_LAYERS, log_floor=_FLOOR)
             loss = a[f"{prefix}_loss"]
             ax = axes[row, 2]
             ax.plot(s, np.where(np.isfinite(loss), loss, np.nan), color="#d62728", marker="o", ms=3)

@@ -13,8 +13,8 @@ noise_mean_range)`` per channel, with per-activation perturbations of relative s
 **Measurements.**
 
 * Training: the per-step (train-mode, i.e. noisy for ``bn-noisy``) loss, the train-mode accuracy of
-  the step's batch every ``acc_every`` steps (replayed forward pass), and test accuracy (eval mode)
-  once per epoch.
+  the step's batch every ``acc_every`` steps (:class:`bnlab.probes.accuracy.TrainModeAccuracy`, a
+  replayed forward pass), and test accuracy (eval mode) once per epoch.
 * Activation distribution of one layer over time: the output of the module after the
   ``act_conv``-th convolution (0-based: its norm layer's output, the convolution's output in the
   plain net; for ``bn-noisy`` after the noise), per channel, on the step's batch, every
@@ -24,20 +24,23 @@ noise_mean_range)`` per channel, with per-activation perturbations of relative s
   ``‖G - G'‖₂``, ``cos(G, G')`` and ``‖G - G'‖₂ / ‖G‖₂``, with ``G`` the gradient of layer ``i`` at
   ``W^t`` and ``G'`` the same after the layers below it moved to ``W^{t+1}`` (same batch).
 
-**Claims and thresholds** (fixed before the quick run):
+**Summary** (per net): the mean train-mode batch accuracy over the last ``final_frac`` of the
+steps; the instability of the measured layer, the median over its channels and over consecutive
+measurements of ``|Δ mean_c| / s_c + |Δ log std_c|`` (``s_c`` the channel's median standard
+deviation over training: how far the channel's distribution moves between two measurements in
+units of its spread; :func:`bnlab.analysis.instability`); and the ICS, the median over its
+measurements and layers of ``‖G - G'‖/‖G‖`` (scale-free: BN changes the gradient's scale), with
+the raw ``‖G - G'‖`` and the cosines, also per layer.
 
-* ``noisy-bn-trains-like-bn``: the mean train-mode batch accuracy over the last ``final_frac`` of
-  the steps of the noisy-BN net is at least the BN net's minus ``acc_tol`` (5 points). Train mode
-  is the optimization the claim is about (eval-mode accuracies are reported too).
-* ``noisy-bn-less-stable``: instability of a net's layer = median over its channels and over
-  consecutive measurements of ``|Δ mean_c| / s_c + |Δ log std_c|`` (``s_c`` the channel's median
-  standard deviation over training): how far the channel's distribution moves between two
-  measurements in units of its spread. Holds if noisy-BN's is at least ``unstable_ratio`` (2) times
-  BN's and at least the plain net's; fails if it is not above BN's; else inconclusive.
-* ``bn-ics-not-lower``: ICS of a net = median over its measurements and layers of
-  ``‖G - G'‖/‖G‖`` (scale-free: BN changes the gradient's scale). Holds if BN's is at least
-  ``ics_tol`` (0.8) times the plain net's; fails otherwise. The raw ``‖G - G'‖`` and the cosines
-  are in the detail.
+**Claims** (rules fixed before the quick run; numbers in :class:`Thresholds`):
+
+* ``noisy-bn-trains-like-bn``: holds if noisy BN's train-mode accuracy is at least BN's minus
+  ``acc_tol`` (5 points). Train mode is the optimization the claim is about (eval-mode accuracies
+  are reported too).
+* ``noisy-bn-less-stable``: holds if noisy BN's instability is at least ``unstable_ratio`` (2)
+  times BN's and at least the plain net's; fails if it is not above BN's; else inconclusive.
+* ``bn-ics-not-lower``: holds if BN's ICS is at least ``ics_tol`` (0.8) times the plain net's;
+  fails otherwise (inconclusive if either net diverged).
 
 **Setting and why.** Quick: ``convnet`` (3 conv stages of width 16/32/64 and a linear classifier, so
 layers 2 to 4 have an ICS) on MNIST-1D, ``lr = 0.05``, momentum 0.9, batch 128, 400 steps: the
@@ -48,55 +51,85 @@ setting of the ``landscape`` experiment, within the quick budget. Paper: VGG on 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
-from torch.func import functional_call
 
 from .. import data as data_mod
-from .. import models
+from ..analysis import instability, series, tail_mean
 from ..errors import UserError
 from ..models.noisy import noise_config
 from ..plotting import STYLE, color_for, save, smooth
 from ..probes import ActivationQuantiles, InternalCovariateShift
-from ..probes.base import Probe, StepContext
+from ..probes.accuracy import TrainModeAccuracy
 from ..runs import RunDir
-from ..train import make_optimizer, train
-from . import Claim, Experiment, Result, judge, register_experiment
-from .landscape import arm_records, series
+from .base import Claim, Context, Experiment, fmt, register_experiment, verdict
+from .landscape import arm_records, make_net, train_arm
 
-__all__ = ["InternalCovariateShiftExperiment", "activation_module", "instability", "ics_summary"]
+__all__ = ["InternalCovariateShiftExperiment", "Config", "Thresholds", "NORMS", "QUANTILES", "activation_module",
+           "activation_instability", "ics_layers_of", "ics_summary"]
 
 SOURCE = "Santurkar et al. 2018"
 NORMS = ("none", "bn", "bn-noisy")
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 _LABEL = {"none": "no norm", "bn": "BN", "bn-noisy": "noisy BN"}
 
-_QUICK = dict(
-    data="mnist1d", model="convnet", width=16, depth=1, seed=0,
-    lr=0.05, momentum=0.9, weight_decay=0.0, batch_size=128, steps=400,
-    noise_mean_range=0.5, noise_scale_max=1.25, noise_jitter=0.1,
-    ics_every=10, act_every=5, acc_every=5, act_conv=1, act_channel=0,
-    final_frac=0.1, acc_tol=0.05, unstable_ratio=2.0, ics_tol=0.8,
-)
+
+@dataclass(frozen=True)
+class Config:
+    """What ``ics`` trains and measures (hashed: names the run)."""
+
+    data: str = "mnist1d"
+    """Dataset (``bnlab list``)."""
+    model: str = "convnet"
+    """Model (``bnlab list``)."""
+    width: int = 16
+    """Model width."""
+    depth: int = 1
+    """Model depth."""
+    seed: int = 0
+    """Seed of the split, the initialization and the batch order (the same for every net)."""
+    lr: float = 0.05
+    """SGD learning rate of every net."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    batch_size: int = 128
+    """Examples per step."""
+    steps: int = 400
+    """Optimizer steps per net."""
+    noise_mean_range: float = 0.5
+    """Noisy BN: the per-channel shift is drawn from U(-noise_mean_range, noise_mean_range)."""
+    noise_scale_max: float = 1.25
+    """Noisy BN: the per-channel scale is drawn from U(1, noise_scale_max)."""
+    noise_jitter: float = 0.1
+    """Noisy BN: relative size of the per-activation perturbations."""
+    ics_every: int = 10
+    """Steps between two ICS measurements."""
+    act_every: int = 5
+    """Steps between two measurements of the activation distribution."""
+    acc_every: int = 5
+    """Steps between two train-mode batch accuracies."""
+    act_conv: int = 1
+    """The activations measured are the output of the module after this convolution (0-based)."""
+    act_channel: int = 0
+    """The channel drawn in the activation-distribution figure."""
+    final_frac: float = 0.1
+    """The train-mode accuracy is averaged over this last fraction of the steps."""
 
 
-class _TrainModeAccuracy(Probe):
-    """Accuracy of the step's batch in the model's training mode at ``w_t`` (replayed forward pass)."""
+@dataclass(frozen=True)
+class Thresholds:
+    """The numbers of ``ics``'s decision rules."""
 
-    name = "train_mode"
-    cost = "standard"
-
-    def after_backward(self, ctx: StepContext) -> dict:
-        if ctx.batch is None:
-            return {}
-        x, y = ctx.batch
-        model = ctx.model
-        state = {**{n: p.detach() for n, p in model.named_parameters()}, **{n: b.detach().clone() for n, b in model.named_buffers()}}
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            z = functional_call(model, state, (x,))
-        return {"acc": float((z.argmax(1) == y).double().mean())}
+    acc_tol: float = 0.05
+    """Noisy BN "trains like BN" when its train-mode accuracy is at least BN's minus this."""
+    unstable_ratio: float = 2.0
+    """Noisy BN is "far less stable" when its instability is at least this times BN's (and ≥ the plain net's)."""
+    ics_tol: float = 0.8
+    """BN's ICS is "not lower" when it is at least this times the plain net's."""
 
 
 def activation_module(model: nn.Module, k: int) -> str:
@@ -113,24 +146,12 @@ def activation_module(model: nn.Module, k: int) -> str:
     raise UserError(f"no module follows convolution {k} ({named[i][0]})")
 
 
-def instability(recs: list[dict], prefix: str = "act_q") -> tuple[float, dict]:
-    """Median over channels and consecutive measurements of ``|Δ mean_c| / s_c + |Δ log std_c|``."""
+def activation_instability(recs: list[dict], prefix: str = "act_q") -> float:
+    """:func:`bnlab.analysis.instability` of the channels recorded under ``prefix`` (``"<prefix>/<c>/mean"``, ``.../std``)."""
     chans = sorted({int(k.split("/")[1]) for r in recs for k in r if k.startswith(prefix + "/") and k.endswith("/mean")})
-    vals, per = [], {}
-    for c in chans:
-        _, m = series(recs, f"{prefix}/{c}/mean")
-        _, s = series(recs, f"{prefix}/{c}/std")
-        if len(m) < 2:
-            continue
-        sc = float(np.median(s))
-        if not sc > 0:
-            continue
-        d = np.abs(np.diff(m)) / sc + np.abs(np.diff(np.log(np.maximum(s, 1e-12))))
-        per[c] = float(np.median(d))
-        vals.append(d)
-    if not vals:
-        return math.nan, per
-    return float(np.median(np.concatenate(vals))), per
+    means = [series(recs, f"{prefix}/{c}/mean")[1] for c in chans]
+    stds = [series(recs, f"{prefix}/{c}/std")[1] for c in chans]
+    return instability(means, stds)
 
 
 def ics_layers_of(recs: list[dict]) -> list[str]:
@@ -175,91 +196,98 @@ class InternalCovariateShiftExperiment(Experiment):
     claims = (
         Claim("noisy-bn-trains-like-bn", "A BN net with step-varying noise after every BN layer trains about as well as the BN net.",
               SOURCE, "mean train-mode batch accuracy over the last final_frac (10%) of the steps, noisy BN vs BN",
-              "holds if noisy >= BN - acc_tol (5 points)"),
+              "holds if noisy >= BN - acc_tol"),
         Claim("noisy-bn-less-stable", "Noisy BN's activation distributions are far less stable than BN's (and the plain net's).",
               SOURCE, "instability of one layer: median over channels and consecutive measurements of |Δ mean_c|/s_c + |Δ log std_c|",
-              "holds if noisy >= unstable_ratio (2) x BN and noisy >= plain; fails if noisy <= BN; else inconclusive"),
+              "holds if noisy >= unstable_ratio x BN and noisy >= plain; fails if noisy <= BN; else inconclusive"),
         Claim("bn-ics-not-lower", "BatchNorm does not reduce internal covariate shift: the BN net's ICS is not lower than the plain net's.",
               SOURCE, "median over measurements and layers 2..L of ‖G - G'‖₂/‖G‖₂ (G: layer gradient at W^t; G': after the layers below moved to W^{t+1})",
-              "holds if BN >= ics_tol (0.8) x plain; fails otherwise"),
+              "holds if BN >= ics_tol x plain; fails otherwise"),
     )
+    Config = Config
+    Thresholds = Thresholds
     profiles = {
-        "tiny": {**_QUICK, "data": "digits", "width": 4, "steps": 30, "ics_every": 5, "act_every": 3, "acc_every": 3},
-        "quick": dict(_QUICK),
-        "paper": {**_QUICK, "data": "cifar10", "model": "vgg", "width": 64, "depth": 11, "lr": 0.05, "steps": 15000,
-                  "ics_every": 100, "act_every": 50, "acc_every": 50, "act_conv": 2},
+        "tiny": Config(data="digits", width=4, steps=30, ics_every=5, act_every=3, acc_every=3),
+        "quick": Config(),
+        "paper": Config(data="cifar10", model="vgg", width=64, depth=11, lr=0.05, steps=15000,
+                        ics_every=100, act_every=50, acc_every=50, act_conv=2),
     }
 
-    # ------------------------------------------------------------------ run
-    def run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
-        tr, te = data_mod.load_pair(cfg["data"], seed=cfg["seed"])
+    # ------------------------------------------------------------------ measure
+    def measure(self, cfg: Config, run: RunDir, ctx: Context) -> dict:
+        tr, te = data_mod.load_pair(cfg.data, seed=cfg.seed)
         final: dict = {}
         for norm in NORMS:
-            with noise_config(mean_range=cfg["noise_mean_range"], scale_max=cfg["noise_scale_max"], jitter=cfg["noise_jitter"]):
-                net = models.make(cfg["model"], norm=norm, in_shape=tr.in_shape, num_classes=tr.num_classes,
-                                  width=cfg["width"], depth=cfg["depth"], seed=cfg["seed"])
-            layer = activation_module(net, cfg["act_conv"])
-            opt = make_optimizer(net.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-            probes = [InternalCovariateShift(every=cfg["ics_every"]),
-                      ActivationQuantiles(layer, every=cfg["act_every"], quantiles=QUANTILES),
-                      _TrainModeAccuracy(every=cfg["acc_every"])]
-            h = train(net, tr, opt, steps=cfg["steps"], batch_size=cfg["batch_size"], eval_data=te, device=device, seed=cfg["seed"],
-                      probes=probes, log=lambda r, norm=norm: run.write({"arm": norm, **r}),
-                      progress=f"{self.name} {norm}" if progress else False)
-            final[norm] = {**h.summary(), "norm": norm, "act_layer": layer}
-            run.write({"event": "arm_end", "arm": norm, **final[norm]})
-        verdicts, numbers = self._judge(cfg, run.metrics(), final)
-        return Result(summary={"arms": final, **numbers}, verdicts=verdicts)
-
-    def _judge(self, cfg: dict, recs: list[dict], final: dict):
-        T = cfg["steps"]
+            with noise_config(mean_range=cfg.noise_mean_range, scale_max=cfg.noise_scale_max, jitter=cfg.noise_jitter):
+                net = make_net(cfg, norm, tr)
+            layer = activation_module(net, cfg.act_conv)
+            probes = [InternalCovariateShift(every=cfg.ics_every),
+                      ActivationQuantiles(layer, every=cfg.act_every, quantiles=QUANTILES),
+                      TrainModeAccuracy(every=cfg.acc_every)]
+            final[norm] = train_arm(cfg, run, ctx, self.name, norm, net, cfg.lr, tr, te, probes,
+                                    {"norm": norm, "act_layer": layer})
+        recs = run.metrics()
         per = {n: arm_records(recs, n) for n in NORMS}
-        numbers: dict = {"train_mode_acc": {}, "instability": {}, "ics": {}}
-        for n in NORMS:
-            s, a = series(per[n], "train_mode/acc")
-            sel = s >= (1 - cfg["final_frac"]) * T
-            numbers["train_mode_acc"][n] = float(np.mean(a[sel])) if sel.any() else (float(a[-1]) if len(a) else math.nan)
-            numbers["instability"][n] = instability(per[n])[0]
-            numbers["ics"][n] = ics_summary(per[n])
+        start = (1 - cfg.final_frac) * cfg.steps
+        return {
+            "arms": final,
+            "train_mode_acc": {n: tail_mean(*series(per[n], "train_mode/acc"), start) for n in NORMS},
+            "instability": {n: activation_instability(per[n]) for n in NORMS},
+            "ics": {n: ics_summary(per[n]) for n in NORMS},
+            "steps": cfg.steps, "final_frac": cfg.final_frac, "act_every": cfg.act_every,
+        }
+
+    # ------------------------------------------------------------------ judge
+    def judge(self, summary: dict, th: Thresholds) -> list:
+        final, T = summary["arms"], summary["steps"]
+        ev = lambda n, k: final.get(n, {}).get(k, math.nan)  # noqa: E731
         verdicts = []
-        acc = numbers["train_mode_acc"]
-        ev = lambda n, k: final.get(n, {}).get(k, math.nan)
-        ok = None if not math.isfinite(acc["bn"]) or not math.isfinite(acc["bn-noisy"]) else acc["bn-noisy"] >= acc["bn"] - cfg["acc_tol"]
-        verdicts.append(judge(
+
+        acc = summary["train_mode_acc"]
+        ok = None if not math.isfinite(acc["bn"]) or not math.isfinite(acc["bn-noisy"]) else acc["bn-noisy"] >= acc["bn"] - th.acc_tol
+        verdicts.append(verdict(
             "noisy-bn-trains-like-bn", ok, acc["bn-noisy"] - acc["bn"],
-            f"train-mode batch accuracy over the last {cfg['final_frac']:.0%} of {T} steps: noisy BN {acc['bn-noisy']:.1%}, "
-            f"BN {acc['bn']:.1%} (difference {100 * (acc['bn-noisy'] - acc['bn']):+.1f} points, tolerance {100 * cfg['acc_tol']:g}), "
+            f"train-mode batch accuracy over the last {summary['final_frac']:.0%} of {T} steps: noisy BN {acc['bn-noisy']:.1%}, "
+            f"BN {acc['bn']:.1%} (difference {100 * (acc['bn-noisy'] - acc['bn']):+.1f} points), "
             f"no norm {acc['none']:.1%}; eval mode (noise off): train accuracy {ev('bn-noisy', 'train_acc'):.1%} / {ev('bn', 'train_acc'):.1%} / "
             f"{ev('none', 'train_acc'):.1%}, test accuracy {ev('bn-noisy', 'test_acc'):.1%} / {ev('bn', 'test_acc'):.1%} / {ev('none', 'test_acc'):.1%} "
-            f"(noisy BN / BN / no norm)"))
-        ins = numbers["instability"]
+            f"(noisy BN / BN / no norm)",
+            f"noisy BN's train-mode accuracy ≥ BN's − {fmt(100 * th.acc_tol)} points; inconclusive if either is undefined"))
+
+        ins = summary["instability"]
         if not all(math.isfinite(ins[n]) for n in NORMS):
             ok = None
         elif ins["bn-noisy"] <= ins["bn"]:
             ok = False
-        elif ins["bn-noisy"] >= cfg["unstable_ratio"] * ins["bn"] and ins["bn-noisy"] >= ins["none"]:
+        elif ins["bn-noisy"] >= th.unstable_ratio * ins["bn"] and ins["bn-noisy"] >= ins["none"]:
             ok = True
         else:
             ok = None
         ratio = ins["bn-noisy"] / ins["bn"] if ins["bn"] > 0 else math.inf
-        verdicts.append(judge(
+        verdicts.append(verdict(
             "noisy-bn-less-stable", ok, ratio,
-            f"instability of the output of layer {final['bn'].get('act_layer', '?')} (median |Δmean|/s + |Δlog std| between measurements "
-            f"{cfg['act_every']} steps apart, over all channels): noisy BN {ins['bn-noisy']:.3g}, BN {ins['bn']:.3g}, no norm {ins['none']:.3g} "
-            f"(noisy/BN = {ratio:.3g}x, threshold {cfg['unstable_ratio']:g}x and >= no norm)"))
-        ics = numbers["ics"]
+            f"instability of the output of layer {final.get('bn', {}).get('act_layer', '?')} (median |Δmean|/s + |Δlog std| between "
+            f"measurements {summary['act_every']} steps apart, over all channels): noisy BN {ins['bn-noisy']:.3g}, BN {ins['bn']:.3g}, "
+            f"no norm {ins['none']:.3g} (noisy/BN = {ratio:.3g}x)",
+            f"holds if noisy BN's instability ≥ {fmt(th.unstable_ratio)} × BN's and ≥ the plain net's; fails if ≤ BN's; "
+            "else (or if any is undefined) inconclusive"))
+
+        ics = summary["ics"]
         rb, rp = ics["bn"]["rel"], ics["none"]["rel"]
-        ok = None if not (math.isfinite(rb) and math.isfinite(rp) and rp > 0) else rb >= cfg["ics_tol"] * rp
-        if final["none"].get("diverged") or final["bn"].get("diverged"):
+        ok = None if not (math.isfinite(rb) and math.isfinite(rp) and rp > 0) else rb >= th.ics_tol * rp
+        if final.get("none", {}).get("diverged") or final.get("bn", {}).get("diverged"):
             ok = None
+        value = rb / rp if rp > 0 else math.nan
         layers = ", ".join(f"{k} {ics['bn']['per_layer'][k]['rel']:.3g}/{ics['none']['per_layer'].get(k, {}).get('rel', math.nan):.3g}"
                            for k in ics["bn"]["per_layer"])
-        verdicts.append(judge(
-            "bn-ics-not-lower", ok, rb / rp if rp > 0 else math.nan,
-            f"median ‖G - G'‖/‖G‖: BN {rb:.3g}, no norm {rp:.3g} (BN/plain = {rb / rp:.3g}, threshold {cfg['ics_tol']:g}); noisy BN {ics['bn-noisy']['rel']:.3g}; "
+        verdicts.append(verdict(
+            "bn-ics-not-lower", ok, value,
+            f"median ‖G - G'‖/‖G‖: BN {rb:.3g}, no norm {rp:.3g} (BN/plain = {value:.3g}); noisy BN {ics['bn-noisy']['rel']:.3g}; "
             f"per layer BN/plain: {layers}; raw ‖G - G'‖: BN {ics['bn']['l2']:.3g}, no norm {ics['none']['l2']:.3g}, noisy BN {ics['bn-noisy']['l2']:.3g}; "
-            f"cos(G, G'): BN {ics['bn']['cos']:.4f}, no norm {ics['none']['cos']:.4f}, noisy BN {ics['bn-noisy']['cos']:.4f}"))
-        return verdicts, numbers
+            f"cos(G, G'): BN {ics['bn']['cos']:.4f}, no norm {ics['none']['cos']:.4f}, noisy BN {ics['bn-noisy']['cos']:.4f}",
+            f"holds if BN's ICS ≥ {fmt(th.ics_tol)} × the plain net's; fails otherwise; inconclusive if either is undefined "
+            "or either net diverged"))
+        return verdicts
 
     # ------------------------------------------------------------------ figures
     def figures(self, run: RunDir):
@@ -319,7 +347,7 @@ def _fig_activations(cfg, recs, norms, ends, path):
                 ax.fill_between(s, q5, q95, color=col, alpha=0.25, lw=0, label="5-95 %")
                 ax.fill_between(s, q25, q75, color=col, alpha=0.5, lw=0, label="25-75 %")
                 ax.plot(s, q50, color=col, lw=1.2, label="median")
-            ins, _ = instability(r)
+            ins = activation_instability(r)
             ax.set_title(f"{_LABEL.get(n, n)}: instability {ins:.3g}", fontsize=9)
             ax.set_xlabel("step")
             if i == 0:

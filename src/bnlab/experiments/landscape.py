@@ -23,14 +23,20 @@ at most). The ``k`` points are evaluated in one ``torch.func.vmap`` call (``vect
 ``"auto"``, whose timing-based choice between vmap and a loop would change the last digits of the
 stored numbers from run to run).
 
-**Claims and thresholds** (fixed before the quick run). For each of the three quantities
-``Q`` = loss-band width ``max - min``, top of the gradient band, ``β_eff``, the ratio
-``Q(none@lr) / Q(bn@lr)`` at the same probe step, its median over the *early* window (the first
-``window`` fraction of training) and over the *late* window (the last ``window`` fraction):
+**Summary.** For each of the three quantities ``Q`` = loss-band width ``max - min``, top of the
+gradient band, ``β_eff``: the ratio ``Q(none@lr) / Q(bn@lr)`` at the same probe step, its median
+over the *early* window (the first ``window`` fraction of training) and over the *late* window (the
+last ``window`` fraction), with both arms' medians and the number of probe steps
+(:func:`bnlab.analysis.window_ratio`); the same ratios for the two curvatures.
 
-* holds if the early ratio ≥ ``ratio_min`` (default 2: "much smaller") and the late ratio ≥ 1;
-* fails if the early ratio < 1 (not smaller with BN where the paper finds the largest effect);
-* inconclusive otherwise (smaller early but by less than ``ratio_min``, or larger late).
+**Claims** (rules fixed before the quick run; numbers in :class:`Thresholds`):
+
+* holds if the early ratio ≥ ``ratio_min`` (2: "much smaller") and the late ratio ≥
+  ``late_ratio_min`` (1);
+* fails if the early ratio < ``fail_ratio`` (1: not smaller with BN where the paper finds the
+  largest effect);
+* inconclusive otherwise (smaller early but by less than ``ratio_min``, or larger late), and
+  whenever the plain net diverged at ``lr``.
 
 **Setting and why.** Quick: ``convnet`` (3 conv stages of width 16, 32, 64, BN or not, a linear
 classifier) on MNIST-1D (4000 training sequences), ``lr = 0.05``, ``large_lr = 0.5``, momentum 0.9,
@@ -42,28 +48,81 @@ depth 11, width 64, for a GPU).
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import numpy as np
+from torch import nn
 
 from .. import data as data_mod
 from .. import models
+from ..analysis import series, window_ratio
+from ..data import ArrayData
 from ..plotting import STYLE, learning_curves, save
 from ..probes import HessianQuadForm, LandscapeProbe, TopHessianEigenvalue
 from ..runs import RunDir
 from ..train import make_optimizer, train
-from . import Claim, Experiment, Result, judge, register_experiment
+from .base import Claim, Context, Experiment, fmt, register_experiment, verdict
 
-__all__ = ["Landscape", "ARMS", "QUANTITIES", "series", "quantity", "window_ratio", "ratio_verdict", "arm_records"]
+__all__ = ["Landscape", "Config", "Thresholds", "ARMS", "QUANTITIES", "quantity", "ratio_verdict", "arm_records",
+           "window_ratios", "make_net", "train_arm"]
 
 SOURCE = "Santurkar et al. 2018"
 
-_QUICK = dict(
-    data="mnist1d", model="convnet", width=16, depth=1, seed=0,
-    lr=0.05, large_lr=0.5, momentum=0.9, weight_decay=0.0, batch_size=128, steps=400,
-    probe_every=10, k=8, max_lr_multiple=4.0, vectorize=True, hessian_every=20, lanczos_iter=20,
-    window=0.25, ratio_min=2.0,
-)
+
+@dataclass(frozen=True)
+class Config:
+    """What ``landscape`` trains and measures (hashed: names the run)."""
+
+    data: str = "mnist1d"
+    """Dataset (``bnlab list``)."""
+    model: str = "convnet"
+    """Model (``bnlab list``)."""
+    width: int = 16
+    """Model width."""
+    depth: int = 1
+    """Model depth."""
+    seed: int = 0
+    """Seed of the split, the initialization and the batch order (the same for every arm)."""
+    lr: float = 0.05
+    """The learning rate of the compared arms ``bn@lr`` and ``none@lr``."""
+    large_lr: float = 0.5
+    """The large learning rate of ``bn@large_lr`` and ``none@large_lr`` (where only BN trains)."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    weight_decay: float = 0.0
+    """Weight decay."""
+    batch_size: int = 128
+    """Examples per step."""
+    steps: int = 400
+    """Optimizer steps per arm."""
+    probe_every: int = 10
+    """Steps between two landscape probes (loss band, gradient band, β_eff)."""
+    k: int = 8
+    """Step sizes per landscape probe (evenly spaced up to ``max_lr_multiple`` × the arm's lr)."""
+    max_lr_multiple: float = 4.0
+    """The largest step size probed, in multiples of the arm's learning rate."""
+    vectorize: bool = True
+    """Evaluate the ``k`` step sizes in one ``vmap`` call (``False``: a loop; same numbers up to rounding)."""
+    hessian_every: int = 20
+    """Steps between two curvature probes (gᵀHg/‖g‖² and λ_max)."""
+    lanczos_iter: int = 20
+    """Hessian-vector products of the Lanczos estimate of λ_max, at most."""
+    window: float = 0.25
+    """Fraction of the steps in the early window (the first) and in the late window (the last)."""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The numbers of ``landscape``'s decision rule (the same for its three claims)."""
+
+    ratio_min: float = 2.0
+    """Holds needs the early-window median ratio no norm / BN at least this ("much smaller" with BN)."""
+    late_ratio_min: float = 1.0
+    """Holds also needs the late-window median ratio at least this (BN's not larger late in training)."""
+    fail_ratio: float = 1.0
+    """Fails when the early-window median ratio is below this (not smaller with BN early on)."""
+
 
 #: (arm, norm, lr key, probed)
 ARMS = (("bn@lr", "bn", "lr", True), ("none@lr", "none", "lr", True), ("bn@large_lr", "bn", "large_lr", True),
@@ -77,6 +136,11 @@ QUANTITIES = {
     "beta-smaller": ("beta", "effective β-smoothness"),
 }
 
+_CLAIM_RULE = "holds if early ratio >= ratio_min and late ratio >= late_ratio_min; fails if early ratio < fail_ratio; else inconclusive"
+
+#: the curvature series whose window ratios are in the summary (not judged)
+CURVATURES = ("hess_quad/gHg", "hess_top/lambda_max")
+
 
 def arm_label(cfg: dict, arm: str) -> str:
     norm, lr_key = arm.split("@")
@@ -86,15 +150,6 @@ def arm_label(cfg: dict, arm: str) -> str:
 def arm_records(recs: list[dict], arm: str) -> list[dict]:
     """The per-step records of ``arm`` (no eval or bookkeeping events)."""
     return [r for r in recs if r.get("arm") == arm and "event" not in r]
-
-
-def series(recs: Iterable[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(steps, values)`` of ``key`` over the records that have it."""
-    pairs = [(r["step"], r[key]) for r in recs if key in r and r[key] is not None]
-    if not pairs:
-        return np.zeros(0, int), np.zeros(0)
-    s, v = zip(*pairs)
-    return np.asarray(s), np.asarray(v, dtype=float)
 
 
 def quantity(recs: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -108,29 +163,63 @@ def quantity(recs: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
     return series(recs, "landscape/" + name)
 
 
-def window_ratio(steps_a, a, steps_b, b, lo: float, hi: float) -> tuple[float, float, float, int]:
-    """Median of ``a/b`` over the probe steps both have in ``[lo, hi)``; also both medians and the count."""
-    common = sorted(set(steps_a.tolist()) & set(steps_b.tolist()))
-    ia = {s: i for i, s in enumerate(steps_a.tolist())}
-    ib = {s: i for i, s in enumerate(steps_b.tolist())}
-    sel = [s for s in common if lo <= s < hi]
-    va = np.array([a[ia[s]] for s in sel], float)
-    vb = np.array([b[ib[s]] for s in sel], float)
-    ok = np.isfinite(va) & np.isfinite(vb) & (vb > 0)
-    if not ok.any():
-        return math.nan, math.nan, math.nan, 0
-    return float(np.median(va[ok] / vb[ok])), float(np.median(va[ok])), float(np.median(vb[ok])), int(ok.sum())
+def ratio_verdict(early: float, late: float, ratio_min: float, late_ratio_min: float = 1.0,
+                  fail_ratio: float = 1.0) -> Optional[bool]:
+    """``True`` (holds), ``False`` (fails) or ``None`` (inconclusive) by the rule of the module docstring.
 
-
-def ratio_verdict(early: float, late: float, ratio_min: float) -> Optional[bool]:
-    """``True`` (holds), ``False`` (fails) or ``None`` (inconclusive) by the rule of the module docstring."""
+    Example:
+        >>> ratio_verdict(3.0, 1.2, 2.0), ratio_verdict(0.9, 5.0, 2.0), ratio_verdict(1.5, 5.0, 2.0)
+        (True, False, None)
+    """
     if not math.isfinite(early):
         return None
-    if early < 1.0:
+    if early < fail_ratio:
         return False
-    if early >= ratio_min and math.isfinite(late) and late >= 1.0:
+    if early >= ratio_min and math.isfinite(late) and late >= late_ratio_min:
         return True
     return None
+
+
+def make_net(cfg: Any, norm: str, data: ArrayData) -> nn.Module:
+    """The experiment's model with normalization ``norm``, shaped for ``data``.
+
+    ``cfg`` is any ``Config`` with ``model``, ``width``, ``depth`` and ``seed`` (``landscape``'s and
+    ``ics``'s): every arm starts from the same initialization.
+    """
+    return models.make(cfg.model, norm=norm, in_shape=data.in_shape, num_classes=data.num_classes,
+                       width=cfg.width, depth=cfg.depth, seed=cfg.seed)
+
+
+def train_arm(cfg: Any, run: RunDir, ctx: Context, label: str, arm: str, net: nn.Module, lr: float,
+              tr: ArrayData, te: ArrayData, probes: Sequence = (), info: Optional[dict] = None) -> dict:
+    """Train one arm of a Santurkar et al. experiment and record it in ``run``.
+
+    SGD at ``lr`` with ``cfg.momentum`` and ``cfg.weight_decay``, ``cfg.steps`` steps of
+    ``cfg.batch_size`` examples of ``tr`` in the order of ``cfg.seed``, evaluated on ``te`` once
+    per epoch, with ``probes``. Every record goes to the run's metrics tagged ``"arm": arm``,
+    followed by an ``arm_end`` event with the arm's summary.
+
+    Args:
+        cfg: a ``Config`` with those fields (``landscape``'s and ``ics``'s).
+        run: the run directory.
+        ctx: the run's context (device, progress bars).
+        label: the progress bar's prefix (the experiment's name).
+        arm: the arm's name in the records.
+        net: the model (:func:`make_net`).
+        lr: the learning rate.
+        tr, te: training and test data.
+        probes: the probes of the run.
+        info: stored with the arm's summary (e.g. ``{"norm": norm}``).
+
+    Returns:
+        :meth:`bnlab.train.History.summary` followed by ``info``.
+    """
+    opt = make_optimizer(net.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    h = train(net, tr, opt, steps=cfg.steps, batch_size=cfg.batch_size, eval_data=te, device=ctx.device, seed=cfg.seed,
+              probes=list(probes), log=lambda r: run.append_metrics({"arm": arm, **r}), progress=ctx.bar(f"{label} {arm}"))
+    final = {**h.summary(), **(info or {})}
+    run.append_metrics({"event": "arm_end", "arm": arm, **final})
+    return final
 
 
 @register_experiment
@@ -146,71 +235,61 @@ class Landscape(Experiment):
     claims = (
         Claim("loss-band-smaller", "With BatchNorm the loss varies much less along the gradient (a narrower loss band), especially early in training.",
               SOURCE, "median over the early / late window of width(none@lr) / width(bn@lr), width = max_s L(w - s g) - min_s L(w - s g), s = 0..max_lr_multiple·lr",
-              "holds if early ratio >= ratio_min (2) and late ratio >= 1; fails if early ratio < 1; else inconclusive"),
+              _CLAIM_RULE),
         Claim("gradient-band-smaller", "With BatchNorm the gradient changes much less along the gradient (more predictive gradients), especially early.",
               SOURCE, "median over the early / late window of top(none@lr) / top(bn@lr), top = max_s ‖∇L(w) - ∇L(w - s g)‖₂",
-              "holds if early ratio >= ratio_min (2) and late ratio >= 1; fails if early ratio < 1; else inconclusive"),
+              _CLAIM_RULE),
         Claim("beta-smaller", "With BatchNorm the effective β-smoothness is much smaller, especially early.",
               SOURCE, "median over the early / late window of β(none@lr) / β(bn@lr), β = max_s ‖∇L(w) - ∇L(w - s g)‖₂ / ‖s g‖₂",
-              "holds if early ratio >= ratio_min (2) and late ratio >= 1; fails if early ratio < 1; else inconclusive"),
+              _CLAIM_RULE),
     )
+    Config = Config
+    Thresholds = Thresholds
     profiles = {
-        "tiny": {**_QUICK, "data": "digits", "width": 4, "steps": 30, "probe_every": 5, "hessian_every": 10, "lanczos_iter": 5, "k": 4},
-        "quick": dict(_QUICK),
-        "paper": {**_QUICK, "data": "cifar10", "model": "vgg", "width": 64, "depth": 11, "lr": 0.1, "large_lr": 0.5,
-                  "steps": 15000, "probe_every": 100, "hessian_every": 500, "lanczos_iter": 50},
+        "tiny": Config(data="digits", width=4, steps=30, probe_every=5, hessian_every=10, lanczos_iter=5, k=4),
+        "quick": Config(),
+        "paper": Config(data="cifar10", model="vgg", width=64, depth=11, lr=0.1, large_lr=0.5, steps=15000,
+                        probe_every=100, hessian_every=500, lanczos_iter=50),
     }
 
-    # ------------------------------------------------------------------ run
-    def run(self, cfg: dict, run: RunDir, *, device: str = "auto", progress: bool = True) -> Result:
-        tr, te = data_mod.load_pair(cfg["data"], seed=cfg["seed"])
+    # ------------------------------------------------------------------ measure
+    def measure(self, cfg: Config, run: RunDir, ctx: Context) -> dict:
+        tr, te = data_mod.load_pair(cfg.data, seed=cfg.seed)
         final: dict = {}
         for arm, norm, lr_key, probed in ARMS:
-            net = models.make(cfg["model"], norm=norm, in_shape=tr.in_shape, num_classes=tr.num_classes,
-                              width=cfg["width"], depth=cfg["depth"], seed=cfg["seed"])
-            opt = make_optimizer(net.parameters(), lr=cfg[lr_key], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+            net = make_net(cfg, norm, tr)
             probes = []
             if probed:
-                probes = [LandscapeProbe(every=cfg["probe_every"], k=cfg["k"], max_lr_multiple=cfg["max_lr_multiple"], vectorize=cfg["vectorize"]),
-                          HessianQuadForm(every=cfg["hessian_every"]),
-                          TopHessianEigenvalue(every=cfg["hessian_every"], max_iter=cfg["lanczos_iter"])]
-            h = train(net, tr, opt, steps=cfg["steps"], batch_size=cfg["batch_size"], eval_data=te, device=device, seed=cfg["seed"],
-                      probes=probes, log=lambda r, arm=arm: run.write({"arm": arm, **r}),
-                      progress=f"{self.name} {arm}" if progress else False)
-            final[arm] = {**h.summary(), "norm": norm, "lr": cfg[lr_key], "probed": probed}
-            run.write({"event": "arm_end", "arm": arm, **final[arm]})
-        verdicts, numbers = self._judge(cfg, run.metrics(), final)
-        return Result(summary={"arms": final, "ratios": numbers}, verdicts=verdicts)
+                probes = [LandscapeProbe(every=cfg.probe_every, k=cfg.k, max_lr_multiple=cfg.max_lr_multiple, vectorize=cfg.vectorize),
+                          HessianQuadForm(every=cfg.hessian_every),
+                          TopHessianEigenvalue(every=cfg.hessian_every, max_iter=cfg.lanczos_iter)]
+            lr = getattr(cfg, lr_key)
+            final[arm] = train_arm(cfg, run, ctx, self.name, arm, net, lr, tr, te, probes,
+                                  {"norm": norm, "lr": lr, "probed": probed})
+        return {"arms": final, "ratios": window_ratios(run.metrics(), cfg.steps, cfg.window, final),
+                "lr": cfg.lr, "steps": cfg.steps, "window": cfg.window}
 
-    def _judge(self, cfg: dict, recs: list[dict], final: dict):
-        T = cfg["steps"]
-        w = cfg["window"]
-        bn, pl = arm_records(recs, "bn@lr"), arm_records(recs, "none@lr")
-        numbers: dict = {}
-        verdicts = []
+    # ------------------------------------------------------------------ judge
+    def judge(self, summary: dict, th: Thresholds) -> list:
+        T, w = summary["steps"], summary["window"]
+        diverged = bool(summary["arms"].get("none@lr", {}).get("diverged"))
+        rule = (f"holds if the early ratio (steps < {fmt(w * T)}) ≥ {fmt(th.ratio_min)} and the late ratio "
+                f"(steps ≥ {fmt((1 - w) * T)}) ≥ {fmt(th.late_ratio_min)}; fails if the early ratio < {fmt(th.fail_ratio)}; "
+                "otherwise, or if the plain net diverged, inconclusive")
+        out = []
         for claim_id, (qname, desc) in QUANTITIES.items():
-            sb, vb = quantity(bn, qname)
-            sp, vp = quantity(pl, qname)
-            early = window_ratio(sp, vp, sb, vb, 0, w * T)
-            late = window_ratio(sp, vp, sb, vb, (1 - w) * T, math.inf)
-            numbers[qname] = {"early_ratio": early[0], "late_ratio": late[0], "early_none": early[1], "early_bn": early[2],
-                              "late_none": late[1], "late_bn": late[2], "early_n": early[3], "late_n": late[3]}
-            ok = ratio_verdict(early[0], late[0], cfg["ratio_min"])
-            if final.get("none@lr", {}).get("diverged"):
-                ok = None
-            detail = (f"{desc} at lr {cfg['lr']:g}, median of the per-step ratio no norm / BN: early (steps < {w * T:g}, {early[3]} probes) "
-                      f"{early[0]:.3g}x (medians: no norm {early[1]:.3g}, BN {early[2]:.3g}); late (steps >= {(1 - w) * T:g}, {late[3]} probes) "
-                      f"{late[0]:.3g}x (medians: no norm {late[1]:.3g}, BN {late[2]:.3g}); thresholds: early >= {cfg['ratio_min']:g}, late >= 1")
-            if final.get("none@lr", {}).get("diverged"):
+            q = summary["ratios"].get(qname)
+            if q is None:
+                continue
+            ok = None if diverged else ratio_verdict(q["early_ratio"], q["late_ratio"], th.ratio_min, th.late_ratio_min, th.fail_ratio)
+            detail = (f"{desc} at lr {summary['lr']:g}, median of the per-step ratio no norm / BN: early (steps < {w * T:g}, "
+                      f"{q['early_n']} probes) {q['early_ratio']:.3g}x (medians: no norm {q['early_none']:.3g}, BN {q['early_bn']:.3g}); "
+                      f"late (steps >= {(1 - w) * T:g}, {q['late_n']} probes) {q['late_ratio']:.3g}x "
+                      f"(medians: no norm {q['late_none']:.3g}, BN {q['late_bn']:.3g})")
+            if diverged:
                 detail += "; the plain net diverged at this lr"
-            verdicts.append(judge(claim_id, ok, early[0], detail))
-        # second order and the large-lr arm, for the summary
-        for q in ("hess_quad/gHg", "hess_top/lambda_max"):
-            sb, vb = series(bn, q)
-            sp, vp = series(pl, q)
-            numbers[q] = {"early_ratio": window_ratio(sp, vp, sb, vb, 0, w * T)[0], "late_ratio": window_ratio(sp, vp, sb, vb, (1 - w) * T, math.inf)[0]}
-        numbers["final_test_acc"] = {a: final[a].get("test_acc") for a in final}
-        return verdicts, numbers
+            out.append(verdict(claim_id, ok, q["early_ratio"], detail, rule))
+        return out
 
     # ------------------------------------------------------------------ figures
     def figures(self, run: RunDir):
@@ -242,6 +321,34 @@ class Landscape(Experiment):
         paths.append(learning_curves(arms, run.figure_path("learning_curves.png"),
                                      title=f"{cfg['model']} on {cfg['data']}, SGD momentum {cfg['momentum']}"))
         return paths
+
+
+def window_ratios(recs: list[dict], steps: int, window: float, final: dict) -> dict:
+    """The summary's ``ratios``: per quantity, the early / late window ratios no norm / BN at ``lr``.
+
+    For each quantity of :data:`QUANTITIES`: ``early_ratio``, ``late_ratio``, both arms' medians
+    (``early_none``, ``early_bn``, ``late_none``, ``late_bn``) and the probe counts (``early_n``,
+    ``late_n``), the early window being steps ``[0, window·steps)`` and the late one
+    ``[(1 - window)·steps, ∞)``; for the curvatures of :data:`CURVATURES` the two ratios; and
+    ``final_test_acc`` per arm.
+    """
+    T, w = steps, window
+    bn, pl = arm_records(recs, "bn@lr"), arm_records(recs, "none@lr")
+    numbers: dict = {}
+    for qname, _ in QUANTITIES.values():
+        sb, vb = quantity(bn, qname)
+        sp, vp = quantity(pl, qname)
+        early = window_ratio(sp, vp, sb, vb, 0, w * T)
+        late = window_ratio(sp, vp, sb, vb, (1 - w) * T, math.inf)
+        numbers[qname] = {"early_ratio": early[0], "late_ratio": late[0], "early_none": early[1], "early_bn": early[2],
+                          "late_none": late[1], "late_bn": late[2], "early_n": early[3], "late_n": late[3]}
+    for q in CURVATURES:
+        sb, vb = series(bn, q)
+        sp, vp = series(pl, q)
+        numbers[q] = {"early_ratio": window_ratio(sp, vp, sb, vb, 0, w * T)[0],
+                      "late_ratio": window_ratio(sp, vp, sb, vb, (1 - w) * T, math.inf)[0]}
+    numbers["final_test_acc"] = {a: final[a].get("test_acc") for a in final}
+    return numbers
 
 
 def _window_shading(ax, cfg: dict) -> None:

@@ -7,6 +7,8 @@ GradNorm, WeightNorm       cheap       ‖∇L‖, ‖w‖ over all trained para
 LearningRate               cheap       the LR of each optimizer group
 ScaleInvariantStats        cheap       per scale-invariant group: ‖w‖, ‖g‖, η/‖w‖², angular update, ...
 ActivationStats            cheap       per layer (and channel): mean, std, largest magnitude
+IntrinsicGradNorm          cheap       ‖∇̃L‖² = Σ_i ‖w_i‖²‖∇_{w_i}L‖² + ‖∇_g L‖² (standard with a fixed objective)
+TrainModeAccuracy          standard    accuracy of the step's batch in training mode at w_t
 OutputGradients            standard    ∂ℓ_i/∂logits and |Σ_i ∂ℓ_i| against Σ_i |∂ℓ_i|
 UpdateInterpolation        standard    activation statistics along w + sΔw, s in [0, 1]
 LandscapeProbe             standard    loss band, gradient-predictiveness band, β-smoothness
@@ -15,19 +17,26 @@ ActivationQuantiles        standard    percentiles of one layer's channels
 HessianQuadForm            expensive   gᵀHg / ‖g‖²
 TopHessianEigenvalue       expensive   λ_max by Lanczos over Hessian-vector products
 =========================  ==========  ==============================================================
+
+Every probe is registered by name in :data:`PROBES` (:mod:`bnlab.probes.registry`), with a factory
+that builds it for a given model; one test over the registry checks that no probe changes training.
 """
 
+from .accuracy import TrainModeAccuracy
 from .activations import ActivationStats, OutputGradients, UpdateInterpolation, activation_stats, gradient_alignment, output_gradients
-from .base import COST_CLASSES, Probe, StepContext, every, log_spaced
+from .base import COST_CLASSES, Probe, StepContext, every_n, log_spaced
 from .basic import GradNorm, LearningRate, WeightNorm
 from .curvature import HessianQuadForm, TopHessianEigenvalue
 from .ics import ActivationQuantiles, InternalCovariateShift
+from .intrinsic import IntrinsicGradNorm
 from .landscape import LandscapeProbe
 from .scale import ScaleInvariantStats
+from .registry import PROBES, ProbeEntry, make_probe, register_probe
 
 __all__ = [
-    "COST_CLASSES", "Probe", "StepContext", "every", "log_spaced",
+    "COST_CLASSES", "Probe", "StepContext", "every_n", "log_spaced",
     "GradNorm", "LearningRate", "WeightNorm", "ScaleInvariantStats",
     "ActivationStats", "OutputGradients", "UpdateInterpolation", "activation_stats", "gradient_alignment", "output_gradients",
     "LandscapeProbe", "HessianQuadForm", "TopHessianEigenvalue", "InternalCovariateShift", "ActivationQuantiles",
+    "IntrinsicGradNorm", "TrainModeAccuracy", "PROBES", "ProbeEntry", "make_probe", "register_probe",
 ]

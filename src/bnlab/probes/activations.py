@@ -51,9 +51,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from ..errors import UserError
+from ..functional import stateless_call
 from .base import Probe, StepContext
 
 __all__ = [
@@ -207,18 +207,10 @@ class _Recorder:
         self.detach()
 
 
-def _state(model: nn.Module, params: Optional[dict] = None, buffers: Optional[dict] = None) -> dict:
-    """Parameters (``params`` or the model's own, detached) and *clones* of the buffers, for
-    :func:`torch.func.functional_call`: a train-mode BatchNorm updates the clones, not the model."""
-    p = params if params is not None else {n: t.detach() for n, t in model.named_parameters()}
-    src = buffers if buffers is not None else dict(model.named_buffers())
-    return {**p, **{n: b.detach().clone() for n, b in src.items()}}
-
-
 @torch.no_grad()
 def _forward_stats(model: nn.Module, x: torch.Tensor, layers: LayerSpec, params=None, buffers=None) -> tuple[LayerStats, torch.Tensor]:
-    with torch.random.fork_rng(devices=[]), _Recorder(model, layers) as rec:
-        out = functional_call(model, _state(model, params, buffers), (x,))
+    with _Recorder(model, layers) as rec:
+        out = stateless_call(model, x, params=params, buffers=buffers)
     return rec.stats, out
 
 
@@ -226,8 +218,8 @@ def activation_stats(model: nn.Module, x: torch.Tensor, layers: LayerSpec = None
     """Per-channel statistics of the selected layers' outputs for one forward pass on ``x``.
 
     The pass runs in the model's current mode (a train-mode BatchNorm normalizes with the
-    statistics of ``x``, as in training) through :func:`torch.func.functional_call` with cloned
-    buffers: the model, its buffers and the RNG are left exactly as they were.
+    statistics of ``x``, as in training) through :func:`bnlab.functional.stateless_call` (cloned
+    buffers): the model, its buffers and the RNG are left exactly as they were.
 
     Args:
         model: the network.
@@ -266,8 +258,8 @@ def output_gradients(model: nn.Module, batch, loss_fn: Callable = F.cross_entrop
 
 def _logits_and_output_grad(model: nn.Module, batch, loss_fn: Callable, params: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = batch
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        z = functional_call(model, _state(model, params), (x,))
+    with torch.no_grad():
+        z = stateless_call(model, x, params=params)
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
         (g,) = torch.autograd.grad(loss_fn(z, y), z)
@@ -481,7 +473,7 @@ class UpdateInterpolation(Probe):
 
     ``w_t`` (parameters and buffers) is copied at ``before_step``; at ``after_step`` (weights
     ``w_{t+1}``, only when the step completed its backward pass) the batch of the step is sent
-    through the network at ``w_t + s Δw`` for each ``s`` with :func:`torch.func.functional_call`
+    through the network at ``w_t + s Δw`` for each ``s`` with :func:`bnlab.functional.stateless_call`
     (the model's parameters and buffers are never touched; the buffers used are clones of those
     at ``w_t``; in train mode a BatchNorm normalizes with the batch's statistics, as in
     training). ``s = 0`` reproduces the training forward pass at ``w_t`` and ``s = 1`` the pass at

@@ -46,7 +46,7 @@ class StepContext:
     scratch: dict = field(default_factory=dict)
 
 
-def every(n: int) -> Callable[[int], bool]:
+def every_n(n: int) -> Callable[[int], bool]:
     """Schedule that fires at steps 0, n, 2n, ..."""
     if n < 1:
         raise ValueError(f"probe interval must be >= 1, got {n}")
@@ -77,14 +77,15 @@ class Probe:
     checks bit-identical weights with and without probes.
 
     Args:
-        every: run at steps where ``every(step)`` is true; an int ``n`` means every n-th step.
+        every: run at steps where ``every(step)`` is true; an int ``n`` means every n-th step
+            (:func:`every_n`).
     """
 
     name: str = "probe"
     cost: str = "cheap"
 
     def __init__(self, every: int | Callable[[int], bool] = 1):
-        self.schedule = globals()["every"](every) if isinstance(every, int) else every
+        self.schedule = every_n(every) if isinstance(every, int) else every
 
     def active(self, step: int) -> bool:
         """Whether the probe measures at this step."""

@@ -18,7 +18,7 @@ parameters of the modules run after it up to the next such layer (its normalizat
 move with it. The first layer has no layer below it (``G'_1 = G_1``) and is not reported.
 
 **How.** ``W^t`` and the buffers are copied at ``after_backward``; at ``after_step`` every
-gradient is computed with :func:`torch.func.functional_call` over a parameter dict mixing
+gradient is computed with :func:`bnlab.functional.stateless_call` over a parameter dict mixing
 ``W^{t+1}`` (layers below ``i``) and ``W^t`` (the rest), with fresh copies of the buffers of step
 ``t`` (train-mode BatchNorm normalizes with the batch's statistics, as in the step; a ``bn-noisy``
 layer replays the step's noise). The model, its buffers, ``.grad`` and the RNG are untouched.
@@ -37,9 +37,9 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 
 from ..errors import UserError
+from ..functional import stateless_call
 from .base import Probe, StepContext
 
 __all__ = ["InternalCovariateShift", "ActivationQuantiles", "ics_layers", "internal_covariate_shift"]
@@ -53,8 +53,8 @@ def _is_weight_layer(m: nn.Module) -> bool:
 def ics_layers(model: nn.Module, x: torch.Tensor, params: Optional[dict] = None, buffers: Optional[dict] = None) -> tuple[list[str], dict[str, int]]:
     """The layers of the ICS definition and the layer each trainable parameter moves with.
 
-    Runs one forward pass (``functional_call``, copies of the buffers, no gradient) with hooks to
-    find the order in which modules run.
+    Runs one forward pass (:func:`bnlab.functional.stateless_call`: copies of the buffers, the RNG
+    restored, no gradient) with hooks to find the order in which modules run.
 
     Returns:
         ``(layers, group)``: the module names of the weight layers in forward order, and for every
@@ -68,8 +68,8 @@ def ics_layers(model: nn.Module, x: torch.Tensor, params: Optional[dict] = None,
         if any(True for _ in mod.parameters(recurse=False)):
             handles.append(mod.register_forward_pre_hook(lambda m, a, mname=mname: order.append(mname) if mname not in order else None))
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            functional_call(model, _state(model, params, buffers), (x,))
+        with torch.no_grad():
+            stateless_call(model, x, params=params, buffers=buffers)
     finally:
         for h in handles:
             h.remove()
@@ -93,17 +93,11 @@ def ics_layers(model: nn.Module, x: torch.Tensor, params: Optional[dict] = None,
     return layers, group
 
 
-def _state(model: nn.Module, params: Optional[dict] = None, buffers: Optional[dict] = None) -> dict:
-    p = params if params is not None else {n: t.detach() for n, t in model.named_parameters()}
-    src = buffers if buffers is not None else dict(model.named_buffers())
-    return {**p, **{n: b.detach().clone() for n, b in src.items()}}
-
-
 def _grads(model, batch, loss_fn, params: dict, buffers: dict, wrt: list[str]) -> list[torch.Tensor]:
     x, y = batch
     leaves = {n: params[n].detach().requires_grad_(True) if n in wrt else params[n].detach() for n in params}
     with torch.enable_grad():
-        loss = loss_fn(functional_call(model, _state(model, leaves, buffers), (x,)), y)
+        loss = loss_fn(stateless_call(model, x, params=leaves, buffers=buffers), y)
         gs = torch.autograd.grad(loss, [leaves[n] for n in wrt], allow_unused=True)
     return [torch.zeros_like(leaves[n]) if g is None else g.detach() for n, g in zip(wrt, gs)]
 
@@ -222,9 +216,10 @@ class ActivationQuantiles(Probe):
     """Per-channel quantiles, mean and standard deviation of one module's output (cost: standard).
 
     At ``after_backward`` (weights ``w_t``) the step's forward pass is replayed on its batch with
-    :func:`torch.func.functional_call` and copies of the buffers (train-mode BatchNorm uses the
-    batch's statistics; a ``bn-noisy`` layer replays the step's noise), and the output of module
-    ``layer`` of shape ``(N, C, *spatial)`` is summarized per channel over examples and positions.
+    :func:`bnlab.functional.stateless_call` (copies of the buffers, the RNG restored: train-mode
+    BatchNorm uses the batch's statistics; a ``bn-noisy`` layer replays the step's noise), and the
+    output of module ``layer`` of shape ``(N, C, *spatial)`` is summarized per channel over
+    examples and positions.
     Records ``"<c>/q<p>"`` for each quantile ``p`` (in percent), ``"<c>/mean"`` and ``"<c>/std"``
     for each channel ``c`` of ``channels``. The data of Santurkar et al.'s figure 2 (the
     distribution of one layer's activations over training).
@@ -261,8 +256,8 @@ class ActivationQuantiles(Probe):
         seen: list[torch.Tensor] = []
         h = mods[self.layer].register_forward_hook(lambda m, a, out: seen.append(out.detach()) if not seen else None)
         try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                functional_call(model, _state(model), (ctx.batch[0],))
+            with torch.no_grad():
+                stateless_call(model, ctx.batch[0])
         finally:
             h.remove()
         out = seen[0]

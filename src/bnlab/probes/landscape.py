@@ -69,7 +69,7 @@ class LandscapeProbe(Probe):
     ``w_t - s g`` on the step's batch (one ``vmap`` call for small nets, see
     :mod:`bnlab.landscape`). Records ``loss``, ``loss_min``, ``loss_max``, ``grad_diff_min``,
     ``grad_diff_max``, ``beta``, ``grad_norm``, ``s_max`` (module docstring). With ``keep``,
-    ``self.history`` holds ``(step, bnlab.landscape.LandscapeProbe)`` with the per-point values.
+    ``self.history`` holds ``(step, bnlab.landscape.GradientLineScan)`` with the per-point values.
 
     Args:
         every: steps to measure at (an int ``n``: steps 0, n, 2n, ...).

@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..errors import UserError
-from ..scale import ScaleInvariantGroup, angular_update, effective_lr, norm_identity_residual
+from ..scale import ScaleInvariantGroup, angle_between, effective_lr, norm_identity_residual
 from .base import Probe, StepContext
 
 __all__ = ["ScaleInvariantStats"]
@@ -130,9 +130,9 @@ class ScaleInvariantStats(Probe):
             w_after = p.detach()
             a64 = w_after.to(torch.float64)
             w2_after = float(torch.sum(a64 * a64))
-            befores.append((w_before, w2))
-            afters.append((w_after, w2_after))
-            out[f"{name}/angular_update"] = _angle_or_nan(w_before, w_after)
+            befores.append(w_before)
+            afters.append(w_after)
+            out[f"{name}/angular_update"] = angle_between(w_before, w_after)
             if lr is None:
                 all_have_lr = False
                 continue
@@ -140,7 +140,7 @@ class ScaleInvariantStats(Probe):
             out[f"{name}/norm_identity_rel_residual"] = _div(r, w2)
             res_sum += r
             w2_sum += w2
-        out[f"{_ALL}/angular_update"] = _joint_angle(befores, afters)
+        out[f"{_ALL}/angular_update"] = angle_between(befores, afters)
         if all_have_lr:
             out[f"{_ALL}/norm_identity_rel_residual"] = _div(res_sum, w2_sum)
         return out
@@ -171,22 +171,3 @@ def _stats(prefix: str, w2: float, g2: float, dot: float, normalized_grad_norm: 
     return stats
 
 
-def _angle_or_nan(before: torch.Tensor, after: torch.Tensor) -> float:
-    if not (bool(torch.any(before != 0)) and bool(torch.any(after != 0))):
-        return math.nan
-    return angular_update(before, after)
-
-
-def _joint_angle(befores, afters) -> float:
-    """The angle between the concatenations, ``2 atan2(‖û - v̂‖, ‖û + v̂‖)``, without concatenating."""
-    nu = math.sqrt(sum(w2 for _, w2 in befores))
-    nv = math.sqrt(sum(w2 for _, w2 in afters))
-    if not (nu > 0 and nv > 0):
-        return math.nan
-    diff2 = sum_2 = 0.0
-    for (u, _), (v, _) in zip(befores, afters):
-        u64 = u.reshape(-1).to(torch.float64) / nu
-        v64 = v.reshape(-1).to(torch.float64) / nv
-        diff2 += float(torch.sum((u64 - v64) ** 2))
-        sum_2 += float(torch.sum((u64 + v64) ** 2))
-    return 2.0 * math.atan2(math.sqrt(diff2), math.sqrt(sum_2))

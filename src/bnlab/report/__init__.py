@@ -1,7 +1,10 @@
 """The HTML report: built from run directories alone, never by training.
 
 ``build(runs_dir)`` picks the newest complete run of every experiment under ``runs_dir`` and
-writes one self-contained ``report.html`` (figures embedded as data URIs, no assets from
+writes one self-contained ``report.html``. It reads the run directories only (``experiment.json``
+carries each experiment's title, claims and source works; ``verdicts.json`` the verdicts, their
+rules and the thresholds applied) and never imports experiment code, so a report can be rebuilt
+anywhere the run directories are. It shows (figures embedded as data URIs, no assets from
 elsewhere, every string escaped): the claims table first, then a section per source work with
 what it claims, how bnlab measured it, the figures, the numbers, the verdict, the configuration
 and the environment.
@@ -34,6 +37,8 @@ class ExperimentRun:
     env: dict
     summary: dict
     verdicts: list[dict]
+    thresholds: dict = field(default_factory=dict)
+    departures: dict = field(default_factory=dict)  # threshold -> {"registered", "applied"}
     figures: list[tuple[str, str]] = field(default_factory=list)  # (file name, data URI)
 
     @property
@@ -66,9 +71,11 @@ def collect(runs_dir: str | Path) -> list[ExperimentRun]:
         try:
             meta = run.read_json("experiment.json")
             cfg = run.read_json("config.json")["config"]
+            judged = run.read_json("verdicts.json")
             found.append(ExperimentRun(
                 name=meta["name"], path=path, meta=meta, config=cfg, env=run.read_json("env.json"),
-                summary=run.read_json("summary.json"), verdicts=run.read_json("verdicts.json"),
+                summary=run.read_json("summary.json"), verdicts=judged["verdicts"],
+                thresholds=judged.get("thresholds", {}), departures=judged.get("departures", {}),
                 figures=[(f.name, _data_uri(f)) for f in sorted((path / "figures").glob("*.png"))] if (path / "figures").is_dir() else [],
             ))
         except (OSError, ValueError, KeyError) as e:
@@ -83,7 +90,7 @@ def claims_table(runs: list[ExperimentRun]) -> list[dict]:
     rows = []
     for r in runs:
         for v in r.verdicts:
-            rows.append({**v, "experiment": r.name, "profile": r.profile})
+            rows.append({"rule": "", **v, "experiment": r.name, "profile": r.profile, "departures": r.departures})
     return rows
 
 
@@ -101,8 +108,6 @@ def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "") -> str:
     """The report's HTML (a string)."""
     import jinja2
 
-    from ..experiments import SOURCES
-
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("bnlab", "report"),
         autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
@@ -113,9 +118,14 @@ def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "") -> str:
     env.filters["fmt"] = _fmt_value
     env.filters["pretty"] = lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str)
     rows = claims_table(runs)
+    works: dict[str, dict] = {}  # the source works, as stored by each run (the report imports no experiment)
+    for r in runs:
+        for key, info in r.meta.get("sources", {}).items():
+            works.setdefault(key, info)
+    works = dict(sorted(works.items(), key=lambda kv: (kv[1].get("order", 99), kv[0])))
     sources = []
     shown: dict[str, str] = {}  # experiment -> anchor of the section that shows its figures
-    known = list(SOURCES) + sorted({r["source"] for r in rows} - set(SOURCES))
+    known = list(works) + sorted({r["source"] for r in rows} - set(works))
     for key in known:
         claims = [r for r in rows if r["source"] == key]
         if not claims:
@@ -127,7 +137,7 @@ def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "") -> str:
         anchor = "src-" + "".join(ch if ch.isalnum() else "-" for ch in key.lower())
         exps = [r for r in runs if r.name in exp_names]
         sources.append({
-            "key": key, "info": SOURCES.get(key, {"title": key, "venue": "", "thesis": ""}), "claims": claims,
+            "key": key, "info": works.get(key, {"title": key, "venue": "", "thesis": ""}), "claims": claims,
             "experiments": [r for r in exps if r.name not in shown],
             "shown_elsewhere": [(r.name, shown[r.name]) for r in exps if r.name in shown],
             "anchor": anchor,
@@ -136,8 +146,9 @@ def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "") -> str:
             shown.setdefault(r.name, anchor)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("holds", "fails", "inconclusive")}
     profiles = sorted({r.profile for r in runs})
+    departures = [(r.name, k, d) for r in runs for k, d in sorted(r.departures.items())]
     return env.get_template("report.html.j2").render(
-        rows=rows, sources=sources, runs=runs, counts=counts, profiles=profiles, runs_dir=str(runs_dir),
+        rows=rows, sources=sources, runs=runs, counts=counts, profiles=profiles, runs_dir=str(runs_dir), departures=departures,
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
 

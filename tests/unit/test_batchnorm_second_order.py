@@ -1,4 +1,5 @@
-"""bnlab._bn2: BatchNorm with a closed-form second derivative (used by the double-backward HVPs).
+"""bnlab._batchnorm_second_order: BatchNorm with a closed-form second derivative (used by the
+double-backward HVPs).
 
 References: ``torch.autograd.gradgradcheck`` (finite differences of the first derivative) and
 PyTorch's own double backward of ``F.batch_norm``."""
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnlab._bn2 import _BatchNorm, second_order_batch_norm
+from bnlab._batchnorm_second_order import _BatchNorm, second_order_batch_norm
 from bnlab.curvature import hvp, model_loss_closure
 
 
@@ -46,11 +47,11 @@ def _cnn():
 
 def test_hvp_equals_pytorchs_own_double_backward(monkeypatch):
     """The same HVP of a BN net (2-D, affine and not, and 1-D BN) with and without the closed form."""
-    from bnlab import _bn2
+    from bnlab import _batchnorm_second_order as bn2nd
 
     calls = []
-    closed_form = _bn2._BatchNormBackward.backward
-    monkeypatch.setattr(_bn2._BatchNormBackward, "backward", staticmethod(lambda ctx, *g: (calls.append(1), closed_form(ctx, *g))[1]))
+    closed_form = bn2nd._BatchNormBackward.backward
+    monkeypatch.setattr(bn2nd._BatchNormBackward, "backward", staticmethod(lambda ctx, *g: (calls.append(1), closed_form(ctx, *g))[1]))
     model = _cnn()
     gen = torch.Generator().manual_seed(1)
     batch = (torch.randn(16, 2, 5, 5, generator=gen, dtype=torch.float64), torch.randint(0, 3, (16,), generator=gen))

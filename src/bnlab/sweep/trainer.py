@@ -1,18 +1,8 @@
-"""Many models at once: a learning-rate x seed grid trained in one vectorized loop, plus executors.
+"""The vectorized trainer: :func:`sweep` trains a learning-rate x seed grid of one architecture.
 
-:func:`sweep` trains ``M = len(lrs) * len(seeds)`` copies of one architecture, member ``i`` with
-its own learning rate ``η_i`` and initialization seed, on the **same minibatch sequence** (the
-batch order of ``bnlab.train.train(..., seed=data_seed)``), with SGD (PyTorch convention, per
-member)::
-
-    d_t = ∇L_B(w_t) + λ w_t                    (weight decay λ)
-    v_t = γ v_{t-1} + d_t,   v_{-1} = 0         (momentum γ; so v_0 = d_0, as torch.optim.SGD)
-    w_{t+1} = w_t - η_i v_t
-
-so that member ``i`` reproduces the separate run
-``train(model_fn(seed=s_i), data, SGD(lr=η_i, momentum=γ, weight_decay=λ), seed=data_seed)``.
-
-How the vectorized path works (``vectorize=True``/``"auto"``):
+Member ``i`` is the run ``train(model_fn(seed=s_i), data, SGD(lr=η_i, momentum=γ,
+weight_decay=λ), seed=data_seed)`` (see :mod:`bnlab.sweep`). How the vectorized path works
+(``vectorize=True``/``"auto"``):
 
 * **Stacking.** The ``M`` models' trainable parameters are concatenated into one flat leaf
   tensor ``W`` of shape ``[M, D]`` (``D`` = parameters per model); each parameter is a view of a
@@ -43,19 +33,9 @@ How the vectorized path works (``vectorize=True``/``"auto"``):
   stacked running statistics. BN with ``momentum=None`` (cumulative average) reads
   ``num_batches_tracked`` as a Python number, which ``vmap`` cannot do: ``"auto"`` then falls
   back to the loop.
-* **Layer rules.** The private template's plain layers run through custom ``vmap`` rules
-  (:class:`_MemberRule`) that fold the members into the channel dimension,
-  ``(N, M, C, *) -> (N, M·C, *)``, and call one kernel: ``Conv1d``/``Conv2d`` as one grouped
-  convolution (``M·groups`` groups; a shared input feeds all ``M·C_out`` filters at once),
-  ``BatchNorm{1,2,3}d`` in train mode as one fused BatchNorm over ``M·C`` channels with the
-  flattened ``γ, β`` and running statistics (views of the stacked buffers, updated in place;
-  vmap's generic rule would apply ``γ, β`` as separate passes), and max/average pooling as one
-  call. Maps are kept **channels-last** (``N, H, W, M·C`` in memory; a 1-D convolution runs as
-  a 2-D one of height 1, so sequences are stored ``N, L, M·C``): on the CPU, grouped
-  convolutions with a few channels per group are 2.5-4x faster forward+backward in that layout
-  (1.4-3.5x in 1-D), max pooling ~15x, BatchNorm 1.5-12x (batch 128, 8x8 to 2x2 maps, one
-  thread), and the ``(N, M, C, *)`` view every rule returns is then free, with no layout copies
-  between layers. Other layers use vmap's own rules.
+* **Layer rules.** The private template's plain layers (convolutions, BatchNorm in train mode,
+  pooling) run through custom ``vmap`` rules that fold the members into the channel dimension
+  and call one kernel, on channels-last maps: :mod:`bnlab.sweep.layers`.
 * **Divergence.** Member ``i`` diverges at step ``t`` when its loss at ``t`` is not finite (no
   update is applied, as in ``train``) or when its weights after the update at ``t`` are not
   finite. Its state at that moment is kept aside for the final evaluation and its row is
@@ -64,138 +44,39 @@ How the vectorized path works (``vectorize=True``/``"auto"``):
   denormal/NaN paths) and cannot touch the others: their rows are computed by the same
   independent per-member arithmetic as without it.
 
-Fallback (``vectorize=False``, or ``"auto"`` when the vectorized run raises, e.g. a forward with
-data-dependent control flow, ``.item()``, dropout (random operations under ``vmap``), models whose
-parameter shapes differ between seeds): each member is trained by ``bnlab.train.train`` with
-``torch.optim.SGD``, the reference semantics. :attr:`SweepResult.vectorized` and
-``fallback_reason`` say which path ran.
-
-When vectorizing pays (benchmarks/sweep.py: digits convnet with BN, 16 learning rates, batch
-128, momentum 0.9, against 16 sequential ``train`` runs, this 2-core CPU, idle): ``vmap`` removes
-``M - 1`` copies of the per-operator overhead but does not make the arithmetic cheaper, so the
-gain is largest for small networks and shrinks as they grow: with one torch thread 3.1x the
-member-steps per second at width 4, 2.4x at width 8 and 1.9x at width 16; with two threads
-4.3x, 3.0x and 2.3x. For large networks on a CPU, run cells in parallel with
-:class:`ProcessExecutor`.
-
-Executors: the unit of work is a *group* of members. With the default :class:`LocalExecutor` the
-whole grid is one group (one vectorized loop); with :class:`ProcessExecutor` ``(n)`` the members are
-split into ``n`` groups (or one group per member when not vectorizing), each run in its own
-spawned process with ``torch`` limited to ``cpu_count // n`` threads.
-
-Run directories: with ``out`` every member (grid cell) is recorded as its own run,
-``<out>/<name>/<stamp>-<sweep hash>-<cell>/`` with ``config.json`` (the cell's lr, seed and the
-shared settings), ``metrics.jsonl`` (per-step ``loss``/``lr`` records and eval records, as
-``train`` logs them), ``summary.json`` and the ``complete`` marker.
-
-Reference:
-    Bjorck, Gomes, Selman, Weinberger, "Understanding Batch Normalization", NeurIPS 2018
-    (learning-rate sweeps; the relative loss of one step, :func:`relative_loss`).
+The fallback (``vectorize=False``, or ``"auto"`` when the vectorized run raises) trains each
+member with ``bnlab.train.train`` and ``torch.optim.SGD``, the reference semantics (see
+:mod:`bnlab.sweep`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import copy
 import functools
 import logging
 import math
-import multiprocessing
-import os
 import pickle
 import time
-import types
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Protocol, Sequence, Union, runtime_checkable
+from typing import Any, Callable, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from .data import ArrayData
-from .errors import UserError, check_positive
-from .train import History, make_optimizer, resolve_device, resolve_steps, train
+from ..data import ArrayData
+from ..errors import UserError, check_positive
+from ..train import History, make_optimizer, resolve_device, resolve_steps, train
+from .executors import Executor, LocalExecutor
+from .layers import use_stacked_layers
 
-__all__ = [
-    "Executor",
-    "LocalExecutor",
-    "ProcessExecutor",
-    "SweepResult",
-    "relative_loss",
-    "relative_loss_of",
-    "sgd_step",
-    "sweep",
-]
+__all__ = ["SweepResult", "sgd_step", "sweep"]
 
 log = logging.getLogger(__name__)
 
 Vectorize = Union[bool, Literal["auto"]]
 ModelFn = Callable[..., nn.Module]
-
-
-# ------------------------------------------------------------------------------------ executors
-@runtime_checkable
-class Executor(Protocol):
-    """Maps a function over work items, in order. ``max_workers`` = how many run at once."""
-
-    max_workers: int
-
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
-        """``[fn(item) for item in items]``, possibly concurrently; results in input order."""
-        ...
-
-
-class LocalExecutor:
-    """Runs every item in this process, one after the other (the default)."""
-
-    max_workers = 1
-
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
-        return [fn(item) for item in items]
-
-    def __repr__(self) -> str:
-        return "LocalExecutor()"
-
-
-def _init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-
-
-class ProcessExecutor:
-    """Runs items in ``max_workers`` separate processes (``ProcessPoolExecutor``, ``spawn`` start).
-
-    ``fn`` and the items are pickled: a sweep's ``model_fn`` must then be a module-level function
-    or a ``functools.partial`` of one (not a lambda or a closure). Each worker sets
-    ``torch.set_num_threads(threads_per_worker)`` (default ``max(1, cpu_count // max_workers)``) so
-    that the workers do not oversubscribe the cores.
-
-    Args:
-        max_workers: processes run at once (>= 1).
-        threads_per_worker: torch intra-op threads in each worker.
-
-    Example:
-        >>> res = sweep(partial(models.make, "convnet", in_shape=(1, 8, 8), num_classes=10),
-        ...             train_set, lrs=[0.01, 0.1], steps=100, executor=ProcessExecutor(2))
-    """
-
-    def __init__(self, max_workers: int = 2, *, threads_per_worker: Optional[int] = None):
-        if not isinstance(max_workers, int) or max_workers < 1:
-            raise UserError(f"ProcessExecutor: max_workers must be a positive integer, got {max_workers!r}")
-        self.max_workers = max_workers
-        self.threads_per_worker = threads_per_worker or max(1, (os.cpu_count() or 1) // max_workers)
-
-    def map(self, fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
-        items = list(items)
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(
-            max_workers=min(self.max_workers, max(1, len(items))), mp_context=ctx, initializer=_init_worker, initargs=(self.threads_per_worker,)
-        ) as pool:
-            return list(pool.map(fn, items))
-
-    def __repr__(self) -> str:
-        return f"ProcessExecutor(max_workers={self.max_workers}, threads_per_worker={self.threads_per_worker})"
 
 
 # ------------------------------------------------------------------------------------ functional SGD
@@ -259,10 +140,9 @@ class SweepResult:
         evals: every evaluation record per member (``step``, ``train_loss``, ``train_acc``,
             ``test_loss``, ``test_acc``); the last one is the final evaluation.
         steps: steps asked for.
-        seconds: wall time of the whole sweep (training, evaluation, run dirs).
+        seconds: wall time of the whole sweep (training and evaluation).
         vectorized: every member ran in a vectorized loop.
         fallback_reason: why the loop ran instead (``""`` if it did not).
-        run_dirs: one run directory per member when ``out`` was given.
         config: the settings shared by all members.
         states: with ``keep_states``, each member's final named parameters and buffers (CPU
             tensors; a diverged member's as they were when it stopped), e.g. for
@@ -283,7 +163,6 @@ class SweepResult:
     seconds: float
     vectorized: bool
     fallback_reason: str = ""
-    run_dirs: Optional[list[Path]] = None
     config: dict = field(default_factory=dict)
     states: Optional[list[dict[str, Tensor]]] = None
 
@@ -331,6 +210,25 @@ class SweepResult:
             h.records.append({"step": t, "loss": loss, "diverged": True} if t == self.steps_taken[i] else {"step": t, "loss": loss, "lr": self.lrs[i]})
         h.evals = [{"step": e["step"], "event": "eval", **{k: v for k, v in e.items() if k != "step"}} for e in self.evals[i]]
         return h
+
+    def cell_config(self, i: int) -> dict:
+        """Member ``i``'s config, JSON-ready: the shared settings (:attr:`config`) with ``cell``
+        (``i``), ``lr`` and ``seed``."""
+        return {**self.config, "cell": i, "lr": self.lrs[i], "seed": self.seeds[i]}
+
+    def metric_records(self, i: int) -> list[dict]:
+        """Member ``i``'s metrics records in time order, as ``bnlab.train.train`` logs them: the
+        per-step ``loss``/``lr`` records of :meth:`history` with each periodic evaluation after
+        the step that precedes it, and the final evaluation last."""
+        h = self.history(i)
+        periodic = h.evals[:-1]
+        out, k = [], 0
+        for rec in h.records:
+            out.append(rec)
+            while k < len(periodic) and periodic[k]["step"] <= rec["step"] + 1:
+                out.append(periodic[k])
+                k += 1
+        return out + periodic[k:] + h.evals[-1:]
 
 
 # ------------------------------------------------------------------------------------ work items
@@ -481,162 +379,6 @@ def _stack_models(models_: list[nn.Module]) -> tuple[list[tuple[str, torch.Size]
     return [(n, s) for n, s, _ in trainable], W, fixed
 
 
-class _MemberRule(torch.autograd.Function):
-    """Run ``rule`` as the ``vmap`` rule of one layer call: ``_MemberRule.apply(rule, *args)``.
-
-    Under ``torch.func.vmap`` over the ``M`` stacked members, ``rule(M, in_dims, *args)`` receives
-    the physical (batched) tensors and their batch dimensions and returns ``(output, out_dim)``;
-    the operations it runs are recorded by autograd as usual, so the outer reverse pass
-    differentiates through them. Used only inside :class:`_Vectorized`'s vmapped calls (its
-    ``forward`` is never reached).
-    """
-
-    generate_vmap_rule = False
-
-    @staticmethod
-    def forward(rule, *args):  # pragma: no cover
-        raise RuntimeError("bnlab.sweep: the stacked layer rules run only under torch.func.vmap")
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):  # pragma: no cover
-        pass
-
-    @staticmethod
-    def vmap(info, in_dims, rule, *args):
-        return rule(info.batch_size, in_dims[1:], *args)
-
-
-def _members_first(t: Tensor, d: Optional[int], m: int) -> Tensor:
-    """``t`` batched at ``d`` (or shared: ``d is None``) as ``[M, *shape]``, a view."""
-    return t.movedim(d, 0) if d is not None else t.unsqueeze(0).expand(m, *t.shape)
-
-
-def _members_in_channels(x: Tensor, d: Optional[int], m: int) -> Tensor:
-    """``(N, C, *)`` per member, batched at ``d`` -> ``(N, M·C, *)`` (a view when ``d == 1`` already)."""
-    return _members_first(x, d, m).movedim(0, 1).flatten(1, 2)
-
-
-def _per_member(t: Optional[Tensor], d: Optional[int], m: int) -> Optional[Tensor]:
-    """A per-member parameter ``[*shape]`` batched at ``d`` -> ``[M·shape[0], *shape[1:]]``."""
-    return None if t is None else _members_first(t, d, m).flatten(0, 1)
-
-
-def _channels_last(x: Tensor) -> Tensor:
-    """A 4-D tensor in channels-last strides (``(N, C, H, W)`` stored as ``N, H, W, C``); those of a
-    one-channel input count as contiguous too, so test the strides, as the kernels read them."""
-    if x.dim() != 4:
-        return x
-    _, c, h, w = x.shape
-    if x.stride() == (h * w * c, 1, w * c, c):
-        return x
-    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
-
-
-def _conv_rule(m, dims, x, weight, bias, stride, padding, dilation, groups):
-    """Convolution of ``M`` members as one grouped convolution over ``M·C`` channels, channels-last
-    (CPU kernels for grouped convolutions of a few channels per group are 1.4-4x faster in that
-    layout, forward and backward; a 1-D convolution runs as a 2-D one of height 1)."""
-    dx, dw, db = dims[:3]
-    if dx is None and groups == 1:  # a shared input feeds every member's filters
-        x_in, g = x, 1
-    else:
-        x_in, g = _members_in_channels(x, dx, m), groups * m
-    w, b = _per_member(weight, dw, m), _per_member(bias, db, m)
-    if x_in.dim() == 3:  # Conv1d, as a 2-D convolution of height 1, channels-last; the output is (N, M·C, L) stored as N, L, M·C
-        if not isinstance(padding, str):
-            padding = (0, padding[0])
-        out = F.conv2d(_channels_last(x_in.unsqueeze(2)), w.unsqueeze(2), b, (1, stride[0]), padding, (1, dilation[0]), g).squeeze(2)
-    else:
-        out = F.conv2d(_channels_last(x_in), w, b, stride, padding, dilation, g)
-    return out.unflatten(1, (m, -1)), 1
-
-
-def _channelwise_rule(m, dims, x, fn):
-    """A per-channel operation (pooling) of ``M`` members as one call over ``M·C`` channels (``x`` is
-    batched: the module forwards call the rule only then)."""
-    return fn(_members_in_channels(x, dims[0], m)).unflatten(1, (m, -1)), 1
-
-
-def _batch_norm_rule(m, dims, x, weight, bias, running_mean, running_var, momentum, eps):
-    """Train-mode BatchNorm of ``M`` members as *one* BatchNorm over ``M·C`` channels.
-
-    ``torch.func.vmap``'s own rule for ``batch_norm`` with per-member γ, β normalizes without
-    the affine part and then applies ``· γ + β`` as separate broadcast operations (two more passes
-    over the activations forward, three backward). This folds the members into the channels,
-    ``(N, M, C, *) -> (N, M·C, *)``, and calls the fused kernel with the flattened ``γ, β`` and
-    running statistics (views of the stacked buffers, updated in place), which is exactly
-    per-member BatchNorm.
-    """
-    dx, dw, db, drm, drv = dims[:5]
-    x_in = _members_in_channels(x, dx, m)
-    stats = [None if t is None else _members_first(t, d, m) for t, d in ((running_mean, drm), (running_var, drv))]
-    flat = [None if t is None else t.reshape(-1) for t in stats]  # views of contiguous buffers
-    sequence_cl = x_in.dim() == 3 and x_in.stride(1) == 1 and x_in.shape[2] > 1  # (N, C, L) stored as N, L, C
-    out = F.batch_norm(x_in.unsqueeze(2) if sequence_cl else x_in, flat[0], flat[1], _per_member(weight, dw, m), _per_member(bias, db, m), True, momentum, eps)
-    if sequence_cl:  # the kernel for 2-D channels-last maps is ~2x faster than for strided sequences
-        out = out.squeeze(2)
-    for t, f in zip(stats, flat):
-        if t is not None and f.data_ptr() != t.data_ptr():  # reshape copied: write the update back
-            t.copy_(f.view_as(t))
-    return out.unflatten(1, (m, -1)), 1
-
-
-def _batched(*ts: Optional[Tensor]) -> bool:
-    """Whether a tensor is batched by the enclosing ``vmap``: with none batched, functorch would
-    call ``_MemberRule.forward`` rather than the rule, so the layer runs its own ``forward``
-    (e.g. a pooling layer on the shared input batch)."""
-    return any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in ts)
-
-
-def _stacked_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """``forward`` of the template's BatchNorm layers: train mode through :func:`_batch_norm_rule`."""
-    if not self.training or not _batched(x, self.weight, self.bias, self.running_mean, self.running_var):
-        return type(self).forward(self, x)
-    self._check_input_dim(x)
-    if self.track_running_stats and self.num_batches_tracked is not None:
-        self.num_batches_tracked.add_(1)
-    track = self.track_running_stats
-    return _MemberRule.apply(
-        _batch_norm_rule, x, self.weight, self.bias, self.running_mean if track else None, self.running_var if track else None,
-        self.momentum or 0.0, self.eps,
-    )
-
-
-def _stacked_conv_forward(self: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
-    """``forward`` of the template's ``Conv1d``/``Conv2d`` layers: :func:`_conv_rule`."""
-    if x.dim() != self.weight.dim() or not _batched(x, self.weight, self.bias):  # unbatched input, or nothing batched
-        return type(self).forward(self, x)
-    return _MemberRule.apply(_conv_rule, x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-
-def _stacked_pool_forward(self: nn.Module, x: Tensor) -> Tensor:
-    """``forward`` of the template's pooling layers: :func:`_channelwise_rule`."""
-    if x.dim() != _POOLS[type(self)] or not _batched(x):  # unbatched input, or the shared batch
-        return type(self).forward(self, x)
-    return _MemberRule.apply(_channelwise_rule, x, functools.partial(type(self).forward, self))
-
-
-_POOLS = {  # pooling layer type -> dims of a batched input (N, C, *spatial)
-    nn.MaxPool1d: 3, nn.MaxPool2d: 4, nn.AvgPool1d: 3, nn.AvgPool2d: 4,
-    nn.AdaptiveAvgPool1d: 3, nn.AdaptiveAvgPool2d: 4, nn.AdaptiveMaxPool1d: 3, nn.AdaptiveMaxPool2d: 4,
-}
-
-
-def _use_stacked_layers(template: nn.Module) -> None:
-    """Route the private template's plain layers (exact types, not subclasses) through the
-    member-folding ``vmap`` rules: ``BatchNorm{1,2,3}d`` (not ``momentum=None``, whose cumulative
-    average vmap cannot express), ``Conv{1,2}d`` with zero padding, and max/average pooling
-    without ``return_indices``. Every other layer keeps vmap's own rules."""
-    for mod in template.modules():
-        t = type(mod)
-        if t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and mod.momentum is not None:
-            mod.forward = types.MethodType(_stacked_bn_forward, mod)
-        elif t in (nn.Conv1d, nn.Conv2d) and mod.padding_mode == "zeros":
-            mod.forward = types.MethodType(_stacked_conv_forward, mod)
-        elif t in _POOLS and not getattr(mod, "return_indices", False):
-            mod.forward = types.MethodType(_stacked_pool_forward, mod)
-
-
 class _Vectorized:
     """The stacked forward/backward/eval of one group (template module + shapes)."""
 
@@ -712,7 +454,7 @@ def _run_vectorized(group: _Group) -> list[_MemberOut]:
     models_ = [built[seed] for _, _, seed in group.members]
     shapes, W, fixed = _stack_models(models_)
     template = copy.deepcopy(models_[0]).to(dev).train()
-    _use_stacked_layers(template)
+    use_stacked_layers(template)
     vec = _Vectorized(template, shapes, s.loss_fn)
     data = group.data.to(dev)
     eval_data = group.eval_data.to(dev) if group.eval_data is not None else None
@@ -738,20 +480,12 @@ def _run_vectorized(group: _Group) -> list[_MemberOut]:
         return {k: v.cpu() for k, v in out.items()}
 
     gen = torch.Generator().manual_seed(s.data_seed)
-
-    def batch_stream():
-        while True:
-            if s.full_batch:
-                yield data.full_batch()
-            else:
-                yield from data.batches(s.batch_size, shuffle=True, generator=gen, drop_last=s.drop_last)
-
     bar = None
     if s.progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=s.steps, desc=f"sweep x{M}", unit="step", leave=False, dynamic_ncols=True)
-    stream = batch_stream()
+    stream = data.stream(s.batch_size, generator=gen, drop_last=s.drop_last, full_batch=s.full_batch)
     rows = torch.arange(M, device=dev)  # the members of the stack's rows, as a tensor
     try:
         for t in range(s.steps):
@@ -841,9 +575,7 @@ def _run_vectorized(group: _Group) -> list[_MemberOut]:
 
 # ------------------------------------------------------------------------------------ the sweep
 def _describe(obj: Any) -> str:
-    """A readable, stable name of a callable for the run config (``module.qualname(args)``)."""
-    import functools
-
+    """A readable, stable name of a callable for the sweep's config (``module.qualname(args)``)."""
     if isinstance(obj, functools.partial):
         args = [repr(a) for a in obj.args] + [f"{k}={v!r}" for k, v in sorted(obj.keywords.items())]
         return f"{_describe(obj.func)}({', '.join(args)})"
@@ -900,7 +632,6 @@ def sweep(
     device: Union[str, torch.device] = "auto",
     vectorize: Vectorize = "auto",
     executor: Optional[Executor] = None,
-    out: Union[str, Path, None] = None,
     name: str = "sweep",
     config: Optional[dict] = None,
     progress: bool = False,
@@ -942,17 +673,19 @@ def sweep(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         vectorize: ``True`` (vmap, errors raise), ``False`` (the ``bnlab.train`` loop per
             member) or ``"auto"`` (vmap, falling back to the loop when the vectorized run fails).
-        executor: runs the work; :class:`LocalExecutor` (default) or :class:`ProcessExecutor`.
-        out: root directory; when given, each member is written as a run dir
-            ``<out>/<name>/<stamp>-<hash>-<cell>/``.
-        name: the sweep's name (run-dir folder).
-        config: extra JSON-able fields recorded in every cell's config (e.g. the model name).
+        executor: runs the work; :class:`~bnlab.sweep.executors.LocalExecutor` (default) or
+            :class:`~bnlab.sweep.executors.ProcessExecutor`.
+        name: the sweep's name (``SweepResult.config["sweep"]``).
+        config: extra JSON-able fields recorded in the shared config (``SweepResult.config``,
+            and so in every :meth:`SweepResult.cell_config`), e.g. the model name.
         progress: show progress bars.
         keep_states: return every member's final parameters and buffers (``SweepResult.states``).
 
     Returns:
-        SweepResult: per-member loss curves ``[M, steps]``, evaluations, divergence status, wall
-        time, and the run dirs.
+        SweepResult: per-member loss curves ``[M, steps]``, evaluations, divergence status and
+        wall time. Nothing is written to disk: a caller that records each cell as a run writes
+        :meth:`SweepResult.cell_config`, :meth:`SweepResult.metric_records` and
+        :meth:`SweepResult.summary`.
 
     Raises:
         UserError: bad grid or setting, unpicklable work for a process executor, or
@@ -1048,155 +781,4 @@ def sweep(
         states=[o.state for o in outs] if keep_states else None,
     )
     result.seconds = time.perf_counter() - t0
-    if out is not None:
-        result.run_dirs = _write_runs(result, Path(out), name, shared, dev)
-        result.seconds = time.perf_counter() - t0
     return result
-
-
-def _write_runs(res: SweepResult, out: Path, name: str, shared: dict, dev: torch.device) -> list[Path]:
-    """One run dir per member: config (shared settings + lr, seed), metrics, summary, marker."""
-    from .runs import RunDir, config_hash, env_info
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    sweep_hash = config_hash(shared)
-    env = env_info(device=dev)
-    paths = []
-    for i in range(len(res)):
-        cfg = {**shared, "cell": i, "lr": res.lrs[i], "seed": res.seeds[i]}
-        run = RunDir.create(out, name, cfg, env={**env, "seed": res.seeds[i]}, run_id=f"{stamp}-{sweep_hash}-{i:03d}")
-        h = res.history(i)
-        periodic = h.evals[:-1]
-        k = 0
-        for rec in h.records:
-            run.write(rec)
-            while k < len(periodic) and periodic[k]["step"] <= rec["step"] + 1:
-                run.write(periodic[k])
-                k += 1
-        for e in periodic[k:] + h.evals[-1:]:
-            run.write(e)
-        run.finish({**res.summary(i), "vectorized": res.vectorized, "sweep": f"{stamp}-{sweep_hash}"})
-        paths.append(run.path)
-    return paths
-
-
-# ------------------------------------------------------------------------------------ relative loss
-def _as_alphas(alphas: Any) -> Tensor:
-    a = torch.as_tensor(alphas, dtype=torch.float64).detach().cpu().reshape(-1)
-    if a.numel() == 0:
-        raise UserError("alphas must hold at least one step size")
-    if not torch.isfinite(a).all():
-        raise UserError(f"alphas must be finite, got {a.tolist()}")
-    return a
-
-
-def relative_loss_of(f: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor], alphas: Any, *, vectorize: Vectorize = "auto") -> Tensor:
-    """The relative loss of one gradient step, ``L(w - α ∇L(w)) / L(w)``, for each ``α``.
-
-    Above 1 the step of size ``α`` increases the loss (Bjorck et al.: without BN this happens
-    once ``α`` exceeds about 1e-3; with BN only at much larger ``α``).
-
-    Args:
-        f: loss closure of a parameter dict, ``f(params) -> scalar``.
-        params: the point ``w`` (a dict of tensors; not modified).
-        alphas: step sizes ``α`` (a sequence or 1-D tensor).
-        vectorize: ``True``: evaluate all ``α`` in one ``torch.func.vmap`` call; ``False``: loop;
-            ``"auto"``: vmap, looping if vmap fails (random ops, data-dependent control flow).
-
-    Returns:
-        ``[len(alphas)]`` float64 tensor on the CPU (``inf``/``nan`` where the loss diverged).
-
-    Example:
-        >>> A = torch.diag(torch.tensor([1.0, 10.0]))
-        >>> f = lambda p: 0.5 * p["w"] @ A @ p["w"]
-        >>> relative_loss_of(f, {"w": torch.ones(2)}, [0.01, 0.1, 0.3])
-
-    Reference:
-        Bjorck, Gomes, Selman, Weinberger, "Understanding Batch Normalization", NeurIPS 2018,
-        figure 2 (relative loss against step size).
-    """
-    a64 = _as_alphas(alphas)
-    grads, loss0 = torch.func.grad_and_value(f)(params)
-    ref = next(iter(params.values()))
-    a = a64.to(device=ref.device, dtype=ref.dtype)
-
-    def at(alpha: Tensor) -> Tensor:
-        return f({k: p - alpha * grads[k] for k, p in params.items()})
-
-    vals = None
-    if vectorize is not False:
-        try:
-            vals = vmap(at)(a)
-        except (RuntimeError, NotImplementedError):
-            if vectorize is True:
-                raise
-    if vals is None:
-        vals = torch.stack([at(a[j]) for j in range(a.numel())])
-    return (vals.detach().double() / loss0.detach().double()).cpu()
-
-
-def relative_loss(
-    model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    alphas: Any,
-    *,
-    train_mode: bool = True,
-    vectorize: Vectorize = "auto",
-) -> Tensor:
-    """``L_B(w - α ∇L_B(w)) / L_B(w)`` of ``model`` on one batch for each ``α``; the model is unchanged.
-
-    ``L_B(w) = loss_fn(model(x; w), y)`` on the same batch ``(x, y)`` at every point. With
-    ``train_mode`` (default) the loss is taken in training mode whatever the model's current
-    mode: BatchNorm normalizes with the statistics of the batch under the weights being
-    evaluated (``w`` or ``w - α g``), as during training; its running statistics are neither
-    used nor updated. Parameters, buffers, ``.grad``, every module's training flag and the RNG
-    state are the same afterwards (the computation runs on detached copies through
-    ``torch.func.functional_call``). Frozen parameters (``requires_grad=False``) do not move.
-    Stochastic layers (dropout in train mode) draw a new mask at every evaluation and cannot run
-    under ``vmap`` (``"auto"`` then loops); use ``train_mode=False`` on a model in eval mode to
-    measure without them.
-
-    Args:
-        model: the network.
-        batch: ``(x, y)``.
-        loss_fn: ``loss_fn(logits, y) -> scalar``, e.g. ``F.cross_entropy``.
-        alphas: step sizes ``α``.
-        train_mode: evaluate in training mode (BN batch statistics); ``False`` keeps the model's
-            current modes.
-        vectorize: see :func:`relative_loss_of`.
-
-    Returns:
-        ``[len(alphas)]`` float64 CPU tensor.
-
-    Example:
-        >>> net = models.make("convnet", norm="bn", in_shape=(1, 8, 8), num_classes=10, seed=0)
-        >>> relative_loss(net, (x, y), F.cross_entropy, torch.logspace(-4, 1, 11))
-
-    Reference:
-        Bjorck et al., NeurIPS 2018, section 3 and figure 2.
-    """
-    x, y = batch
-    modes = [(m, m.training) for m in model.modules()]
-    cuda = sorted({t.device.index or 0 for t in list(model.parameters()) + list(model.buffers()) if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):
-        try:
-            if train_mode:
-                model.train()
-            params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            consts: dict[str, Optional[Tensor]] = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-            for mod_name, mod in model.named_modules():
-                for b_name, b in mod.named_buffers(recurse=False):
-                    full = f"{mod_name}.{b_name}" if mod_name else b_name
-                    if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.training and b_name in ("running_mean", "running_var", "num_batches_tracked"):
-                        consts[full] = None  # batch statistics, no running-stat update
-                    else:
-                        consts[full] = b.detach().clone()  # a layer updating a buffer updates a copy
-
-            def f(p: dict[str, Tensor]) -> Tensor:
-                return loss_fn(functional_call(model, (p, consts), (x,)), y)
-
-            return relative_loss_of(f, params, alphas, vectorize=vectorize)
-        finally:
-            for m, t in modes:
-                m.training = t

@@ -1,0 +1,232 @@
+"""Running experiments: measure → judge → figures into a run directory, and judging again.
+
+``run_experiment`` runs one registered experiment (or reuses a complete run with the same
+configuration hash); ``rejudge`` recomputes ``verdicts.json`` of stored runs from their
+``summary.json`` alone, with the registered thresholds or changed ones.
+
+``verdicts.json``::
+
+    {"experiment": ..., "profile": ...,
+     "thresholds": {...applied...}, "registered": {...registered for the profile...},
+     "departures": {key: {"registered": r, "applied": a}, ...},
+     "verdicts": [{"id", "statement", "source", "metric", "threshold",
+                   "status", "value", "detail", "rule"}, ...]}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+from ..errors import UserError, check_seed, unknown_name
+from ..runs import COMPLETE, RunDir, env_info
+from .base import (INCONCLUSIVE, PROFILES, Context, EXPERIMENTS, Experiment, Verdict, as_dict, field_types,
+                   from_dict, get_experiment, parse_settings, replace)
+
+VERDICTS = "verdicts.json"
+
+
+def resolve(name: str, profile: str = "quick", overrides: list[str] | None = None):
+    """``(Config, Thresholds)`` of experiment ``name`` at ``profile`` with ``--set`` overrides applied.
+
+    A key may name a ``Config`` field (changes the run, and its hash) or a ``Thresholds`` field
+    (changes only the verdicts).
+    """
+    exp = get_experiment(name)
+    if profile not in PROFILES:
+        raise unknown_name("profile", profile, PROFILES)
+    cfg_changes, th_changes = parse_settings(overrides, exp.Config, exp.Thresholds)
+    return replace(exp.profiles[profile], cfg_changes), replace(exp.registered_thresholds(profile), th_changes)
+
+
+def config_record(name: str, profile: str, cfg) -> dict:
+    """What is hashed and stored as the run's configuration."""
+    return {"experiment": name, "profile": profile, **as_dict(cfg)}
+
+
+def resolve_config(name: str, profile: str = "quick", overrides: list[str] | None = None) -> dict:
+    """The configuration record of ``name`` at ``profile`` with overrides (what names the run)."""
+    cfg, _ = resolve(name, profile, overrides)
+    return config_record(name, profile, cfg)
+
+
+def judge_record(exp: Experiment, profile: str, summary: dict, th) -> dict:
+    """The content of ``verdicts.json``: one verdict per declared claim, with the thresholds applied."""
+    got = exp.judge(summary, th)
+    by_claim: dict[str, Verdict] = {}
+    for v in got:
+        if v.claim in by_claim:
+            raise ValueError(f"experiment {exp.name!r}: two verdicts for claim {v.claim!r}")
+        by_claim[v.claim] = v
+    unknown = set(by_claim) - {c.id for c in exp.claims}
+    if unknown:
+        raise ValueError(f"experiment {exp.name!r}: verdicts for undeclared claims {sorted(unknown)}")
+    rows = []
+    for c in exp.claims:
+        v = by_claim.get(c.id) or Verdict(c.id, INCONCLUSIVE, None, "not measured in this run", c.threshold)
+        rows.append({**dataclasses.asdict(c), **{k: val for k, val in dataclasses.asdict(v).items() if k != "claim"}})
+    applied, registered = as_dict(th), as_dict(exp.registered_thresholds(profile))
+    return {
+        "experiment": exp.name, "profile": profile, "thresholds": applied, "registered": registered,
+        "departures": {k: {"registered": registered[k], "applied": applied[k]} for k in applied if applied[k] != registered.get(k)},
+        "verdicts": rows,
+    }
+
+
+def verdict_rows(run: RunDir) -> list[dict]:
+    """The verdict rows of a finished experiment run."""
+    return run.read_json(VERDICTS)["verdicts"]
+
+
+def run_experiment(
+    name: str,
+    *,
+    profile: str = "quick",
+    out: str | Path = "runs",
+    overrides: list[str] | None = None,
+    force: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+    single_thread: bool = True,
+) -> tuple[RunDir, bool]:
+    """Run (or reuse) one experiment: measure → judge → figures. Returns ``(run_dir, reused)``.
+
+    A complete run with the same configuration hash under ``out`` is reused unless ``force``; if
+    the thresholds asked for differ from those it was judged with, it is judged again (no
+    training). Any failure removes the unfinished run directory (and the directories this call
+    created). On the CPU the run uses one torch thread unless ``single_thread=False`` (the
+    experiments' nets are small: on a 2-core machine one thread was as fast or faster, and far
+    steadier under load).
+    """
+    from ..train import resolve_device
+
+    exp = get_experiment(name)
+    cfg, th = resolve(name, profile, overrides)
+    record = config_record(name, profile, cfg)
+    dev = resolve_device(device)
+    if not force:
+        prev = RunDir.find_complete(out, name, record)
+        if prev is not None:
+            if prev.read_json(VERDICTS).get("thresholds") != as_dict(th):
+                prev.write_json(VERDICTS, judge_record(exp, profile, prev.read_json("summary.json"), th))
+            return prev, True
+    seed = getattr(cfg, "seed", None)
+    if isinstance(seed, int):
+        check_seed(seed)
+    created = [p for p in (Path(out), Path(out) / name) if not p.exists()]
+    run = RunDir.create(out, name, record, env=env_info(device=dev, seed=seed))
+    import torch
+
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and single_thread:
+        torch.set_num_threads(1)  # small nets: intra-op threads only add overhead, and stall on a busy machine
+    try:
+        run.write_json("experiment.json", exp.metadata())
+        summary = exp.measure(cfg, run, Context(device=str(dev), progress=progress, profile=profile))
+        run.close_metrics()
+        run.write_json("summary.json", summary)
+        run.write_json(VERDICTS, judge_record(exp, profile, run.read_json("summary.json"), th))
+        exp.figures(run)
+        run.finish()
+    except BaseException:  # a user error, a crash or Ctrl-C: an unfinished run is never kept
+        run.close_metrics()
+        shutil.rmtree(run.path, ignore_errors=True)
+        for p in reversed(created):
+            try:
+                p.rmdir()  # only if empty
+            except OSError:
+                pass
+        raise
+    finally:
+        torch.set_num_threads(threads)
+    return run, False
+
+
+# ----------------------------------------------------------------------------- rejudge
+
+
+def _threshold_changes(pairs: list[str] | None, exps: list[Experiment]) -> dict[str, dict]:
+    """Split ``--set [experiment.]key=value`` pairs by experiment, parsed against each ``Thresholds``.
+
+    An unqualified key applies to every experiment whose thresholds have it. A key no experiment
+    under judgement has (or a ``Config`` key, which would need training) is a user error.
+    """
+    changes: dict[str, list[str]] = {e.name: [] for e in exps}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise UserError(f"--set takes [experiment.]key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        key = key.strip()
+        target = None
+        if "." in key and key.split(".", 1)[0] in changes:
+            target, key = key.split(".", 1)
+        hits = [e for e in exps if (target is None or e.name == target) and key in field_types(e.Thresholds)]
+        if not hits:
+            cfg_keys = [e.name for e in exps if (target is None or e.name == target) and key in field_types(e.Config)]
+            accepted = sorted({f"{e.name}.{k}" for e in exps for k in field_types(e.Thresholds)})
+            why = (f"{key!r} is a configuration setting of {', '.join(cfg_keys)}: changing it needs a new run "
+                   f"(`bnlab run ... --set {key}=...`)" if cfg_keys else f"unknown threshold {key!r}")
+            raise UserError(f"{why}; accepted thresholds: {', '.join(accepted) or 'none'}")
+        for e in hits:
+            changes[e.name].append(f"{key}={value}")
+    return {name: parse_settings(p, next(e for e in exps if e.name == name).Thresholds)[0] for name, p in changes.items()}
+
+
+def experiment_runs(runs_dir: str | Path) -> list[RunDir]:
+    """Every complete experiment run under ``runs_dir`` (``<runs_dir>/<experiment>/<id>/``)."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise UserError(f"no such runs directory: {root}")
+    found = []
+    for exp_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for p in sorted(exp_dir.iterdir()):
+            if p.is_dir() and (p / COMPLETE).exists() and (p / "experiment.json").exists():
+                found.append(RunDir(p))
+    return found
+
+
+def rejudge(runs_dir: str | Path, overrides: list[str] | None = None, *, build_report: bool = True):
+    """Judge every complete run under ``runs_dir`` again from its stored summary, then rebuild the report.
+
+    No training: each run's ``summary.json`` goes through its experiment's ``judge`` with the
+    thresholds registered for the run's profile, changed by ``overrides`` (``[experiment.]key=value``).
+
+    Returns:
+        ``(report_path or None, rows)`` with one row per claim of every rejudged run.
+    """
+    runs = experiment_runs(runs_dir)
+    if not runs:
+        raise UserError(f"no complete experiment runs under {runs_dir} (run `bnlab reproduce --out {runs_dir}` first)")
+    pending = []
+    for run in runs:
+        try:
+            rec = run.read_json("config.json")["config"]
+            name, profile = rec["experiment"], rec["profile"]
+            summary = run.read_json("summary.json")
+        except (OSError, ValueError, KeyError) as e:
+            print(f"bnlab: warning: skipped unreadable run {run.path}: {e}", file=sys.stderr)
+            continue
+        if name not in EXPERIMENTS:
+            print(f"bnlab: warning: skipped {run.path}: experiment {name!r} is not registered", file=sys.stderr)
+            continue
+        pending.append((run, EXPERIMENTS[name], profile, summary))
+    exps = list({e.name: e for _, e, _, _ in pending}.values())
+    changes = _threshold_changes(overrides, exps)
+    rows = []
+    for run, exp, profile, summary in pending:
+        th = replace(exp.registered_thresholds(profile), changes[exp.name])
+        record = judge_record(exp, profile, summary, th)
+        run.write_json(VERDICTS, record)
+        rows += [{**v, "experiment": exp.name, "run": str(run.path)} for v in record["verdicts"]]
+    report = None
+    if build_report:
+        from ..report import build
+
+        report = build(runs_dir)
+    return report, rows
+
+
+__all__ = ["resolve", "resolve_config", "config_record", "judge_record", "verdict_rows", "run_experiment",
+           "rejudge", "experiment_runs", "from_dict", "VERDICTS"]

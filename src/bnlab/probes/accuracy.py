@@ -1,0 +1,53 @@
+"""Accuracy of the step's batch in the model's training mode.
+
+The accuracy that training itself sees: for a net whose training-mode forward pass differs from
+its evaluation (train-mode BatchNorm normalizes with the batch's statistics; a ``bn-noisy`` layer
+adds noise), eval-mode accuracies say little about the optimization. :class:`TrainModeAccuracy`
+replays the step's forward pass at ``w_t`` on the step's batch with
+:func:`bnlab.functional.stateless_call` (copies of the buffers, the RNG restored; a ``bn-noisy``
+layer replays the step's noise) and records the fraction of the batch classified correctly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Union
+
+import torch
+
+from ..functional import stateless_call
+from .base import Probe, StepContext
+
+__all__ = ["TrainModeAccuracy"]
+
+
+class TrainModeAccuracy(Probe):
+    """Accuracy of the step's batch in the model's current (training) mode at ``w_t`` (cost: standard).
+
+    At ``after_backward`` (before the optimizer step) the step's forward pass is replayed on its
+    batch with :func:`bnlab.functional.stateless_call`: the model, its buffers, ``.grad`` and the
+    RNG are left exactly as they were. Records ``"acc"``: the fraction of the batch whose
+    largest logit is the label (a classifier's output of shape ``(N, classes)``).
+
+    Args:
+        every: steps to measure at (an int ``n``: every ``n``-th step).
+        name: metric prefix (``"train_mode"``: the record key is ``"train_mode/acc"``).
+
+    Example:
+        >>> probe = TrainModeAccuracy(every=5)
+        >>> train(net, data, opt, steps=400, probes=[probe])   # records "train_mode/acc"
+    """
+
+    name = "train_mode"
+    cost = "standard"
+
+    def __init__(self, every: Union[int, Callable[[int], bool]] = 1, *, name: str = "train_mode"):
+        super().__init__(every)
+        self.name = name
+
+    def after_backward(self, ctx: StepContext) -> dict:
+        if ctx.batch is None:
+            return {}
+        x, y = ctx.batch
+        with torch.no_grad():
+            z = stateless_call(ctx.model, x)
+        return {"acc": float((z.argmax(1) == y).double().mean())}

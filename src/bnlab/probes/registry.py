@@ -1,0 +1,136 @@
+"""The probe registry: every probe by name, with a factory that builds it for a given model.
+
+``PROBES[name].build(model, batch, loss_fn, every=...)`` returns a ready probe with sensible
+defaults for that model (e.g. :class:`~bnlab.probes.ScaleInvariantStats` gets the groups
+:func:`bnlab.scale.find_scale_invariant` confirms; :class:`~bnlab.probes.ActivationQuantiles` the
+first activation layer). The test suite runs one check over the whole registry: training with
+each probe gives bit-identical weights, buffers, gradients, optimizer state and RNG state as
+training without it. A probe class that is not registered fails that suite, so every new probe is
+covered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import unknown_name
+from .base import Probe
+
+Schedule = Union[int, Callable[[int], bool]]
+
+
+@dataclass(frozen=True)
+class ProbeEntry:
+    """A registered probe.
+
+    Attributes:
+        name: the registry name (kebab-case).
+        cls: the probe class.
+        build: ``build(model, batch, loss_fn, every) -> Probe``.
+        summary: what it records, in one line.
+    """
+
+    name: str
+    cls: type
+    build: Callable[[nn.Module, Any, Callable, Schedule], Probe]
+    summary: str
+
+    @property
+    def cost(self) -> str:
+        return self.cls.cost
+
+
+PROBES: dict[str, ProbeEntry] = {}
+
+
+def register_probe(name: str, cls: type, summary: str, build: Callable | None = None) -> None:
+    """Register ``cls`` under ``name``; ``build`` defaults to ``cls(every=every)``."""
+    if name in PROBES:
+        raise ValueError(f"probe {name!r} is already registered")
+    if not (isinstance(cls, type) and issubclass(cls, Probe)):
+        raise ValueError(f"probe {name!r}: {cls!r} is not a Probe subclass")
+    PROBES[name] = ProbeEntry(name, cls, build or (lambda model, batch, loss_fn, every: cls(every=every)), summary)
+
+
+def make_probe(name: str, model: nn.Module, batch=None, loss_fn: Callable = F.cross_entropy, *, every: Schedule = 1) -> Probe:
+    """The probe ``name`` built for ``model`` (``batch``: an ``(x, y)`` sample some factories need)."""
+    if name not in PROBES:
+        raise unknown_name("probe", name, PROBES)
+    return PROBES[name].build(model, batch, loss_fn, every)
+
+
+def first_activation_layer(model: nn.Module) -> str:
+    """The name of the first ReLU (else the first normalization, else the first leaf module)."""
+    leaves = [(n, m) for n, m in model.named_modules() if n and not list(m.children())]
+    for kinds in ((nn.ReLU,), (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+        for n, m in leaves:
+            if isinstance(m, kinds):
+                return n
+    if not leaves:
+        raise ValueError("the model has no layers")
+    return leaves[0][0]
+
+
+def _scale_invariant(model, batch, loss_fn, every):
+    from ..scale import find_scale_invariant
+    from .scale import ScaleInvariantStats
+
+    return ScaleInvariantStats(find_scale_invariant(model, batch, loss_fn), every=every)
+
+
+def _intrinsic(objective: bool):
+    def build(model, batch, loss_fn, every):
+        from ..scale import find_scale_invariant
+        from .intrinsic import IntrinsicGradNorm
+
+        si = {g.param_name: g.param for g in find_scale_invariant(model, batch, loss_fn) if g.per_channel}
+        ids = {id(p) for p in si.values()}
+        others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        parts = None
+        if objective:  # the batch cut in two: the finite-sum objective Σ_k |B_k|/N · L_{B_k}
+            x, y = batch
+            h = max(1, len(y) // 2)
+            parts = [(x[:h], y[:h]), (x[h:], y[h:])]
+        return IntrinsicGradNorm(si, others, objective=parts, every=every)
+
+    return build
+
+
+def _register_builtin() -> None:
+    from .activations import ActivationStats, OutputGradients, UpdateInterpolation
+    from .basic import GradNorm, LearningRate, WeightNorm
+    from .curvature import HessianQuadForm, TopHessianEigenvalue
+    from .accuracy import TrainModeAccuracy
+    from .ics import ActivationQuantiles, InternalCovariateShift
+    from .intrinsic import IntrinsicGradNorm
+    from .landscape import LandscapeProbe
+    from .scale import ScaleInvariantStats
+
+    register_probe("grad-norm", GradNorm, "‖∇L‖ over all trained parameters")
+    register_probe("weight-norm", WeightNorm, "‖w‖ over all trained parameters")
+    register_probe("lr", LearningRate, "the learning rate of each optimizer group")
+    register_probe("scale-invariant", ScaleInvariantStats, "per scale-invariant group: ‖w‖, ‖g‖, η/‖w‖², angular update",
+                   _scale_invariant)
+    register_probe("activation-stats", ActivationStats, "per layer: mean, std, largest magnitude")
+    register_probe("output-gradients", OutputGradients, "∂ℓ_i/∂logits and their alignment across examples")
+    register_probe("update-interpolation", UpdateInterpolation, "activation statistics along w + sΔw",
+                   lambda model, batch, loss_fn, every: UpdateInterpolation(every=every, s=3))
+    register_probe("landscape", LandscapeProbe, "loss band, gradient-predictiveness band, β-smoothness along the gradient")
+    register_probe("ics", InternalCovariateShift, "per layer ‖G − G'‖ and cos(G, G')")
+    register_probe("activation-quantiles", ActivationQuantiles, "percentiles of one layer's channels",
+                   lambda model, batch, loss_fn, every: ActivationQuantiles(first_activation_layer(model), every=every))
+    register_probe("intrinsic-grad-norm", IntrinsicGradNorm,
+                   "‖∇̃L‖² = Σ_i ‖w_i‖²‖∇_{w_i}L‖² + ‖∇_g L‖² from the step's gradient", _intrinsic(False))
+    register_probe("intrinsic-grad-norm-objective", IntrinsicGradNorm,
+                   "the same, of a fixed finite-sum objective (here: the batch in two parts)", _intrinsic(True))
+    register_probe("train-mode-accuracy", TrainModeAccuracy, "accuracy of the step's batch in training mode at w_t")
+    register_probe("hessian-quad-form", HessianQuadForm, "gᵀHg / ‖g‖²")
+    register_probe("top-hessian-eigenvalue", TopHessianEigenvalue, "λ_max by Lanczos over Hessian-vector products",
+                   lambda model, batch, loss_fn, every: TopHessianEigenvalue(every=every, max_iter=4))
+
+
+_register_builtin()
