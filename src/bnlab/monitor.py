@@ -187,14 +187,19 @@ class Monitor:
         return {f"{probe.name}/{k}": v for k, v in out.items()}
 
     def _emit(self, record: dict) -> None:
-        log = self._log
-        if log is None:
-            return
-        if isinstance(log, list):
-            log.append(record)
-        elif hasattr(log, "append_metrics"):
-            log.append_metrics(record)
-        elif hasattr(log, "write"):
-            log.write(record)
-        else:
-            log(record)
+        emit(self._log, record)
+
+
+def emit(log, record: dict) -> None:
+    """Send one metrics record to ``log``: a list (appended), a :class:`~bnlab.runs.RunDir`
+    (``append_metrics``), an object with ``write(record)`` (a sink), a callable, or ``None`` (dropped)."""
+    if log is None:
+        return
+    if isinstance(log, list):
+        log.append(record)
+    elif hasattr(log, "append_metrics"):
+        log.append_metrics(record)
+    elif hasattr(log, "write"):
+        log.write(record)
+    else:
+        log(record)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .data import ArrayData
 from .errors import UserError, check_positive
-from .monitor import Monitor
+from .monitor import Monitor, emit
 from .probes.base import Probe
 
 
@@ -188,15 +188,7 @@ def train(
             history.evals.append(rec)
         else:
             records.append(rec)
-        if log is not None:
-            if isinstance(log, list):
-                log.append(rec)
-            elif hasattr(log, "append_metrics"):
-                log.append_metrics(rec)
-            elif hasattr(log, "write"):
-                log.write(rec)
-            else:
-                log(rec)
+        emit(log, rec)
 
     monitor = Monitor(model, optimizer, probes, log=sink, loss_fn=loss_fn)
     gen = torch.Generator().manual_seed(seed)

@@ -13,7 +13,8 @@ from bnlab.analysis import instability, series, tail_mean, window_ratio
 from bnlab.experiments import EXPERIMENTS, rejudge, run_experiment
 from bnlab.experiments.ics import NORMS, QUANTILES, activation_instability, ics_summary
 from bnlab.experiments.ics import Thresholds as IcsThresholds
-from bnlab.experiments.landscape import ARMS, QUANTITIES, arm_records, quantity, ratio_verdict
+from bnlab.experiments.common import arm_records
+from bnlab.experiments.landscape import ARMS, QUANTITIES, quantity, ratio_verdict
 from bnlab.experiments.landscape import Thresholds as LandscapeThresholds
 from bnlab.runs import RunDir
 

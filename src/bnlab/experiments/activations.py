@@ -84,22 +84,14 @@ from ..probes.activations import ActivationStats, UpdateInterpolation, activatio
 from ..runs import RunDir
 from ..train import make_optimizer, train
 from .base import Claim, Context, Experiment, register_experiment, verdict
+from .common import ResNetConfig
 
 SOURCE = "Bjorck et al. 2018"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ResNetConfig):
     """What ``activations`` measures and trains (hashed: names the run)."""
-
-    data: str = "mnist1d"
-    """Dataset (``bnlab list``)."""
-    model: str = "preresnet"
-    """Model (``bnlab list``): a residual net, as Bjorck et al.'s ResNet-110 without BN."""
-    depth: int = 26
-    """Model depth (weight layers)."""
-    width: int = 16
-    """Model width."""
     seed: int = 0
     """Seed of the split, the initialization, the example choice, the batch order and the random matrices."""
     n_init: int = 1024

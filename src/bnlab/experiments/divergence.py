@@ -58,20 +58,15 @@ from .. import models
 from ..analysis import first_exceeding, median_curve
 from ..runs import RunDir
 from .base import Claim, Context, Experiment, from_dict, register_experiment, verdict
+from .common import ResNetConfig, SGDConfig
 
 SOURCE = "Bjorck et al. 2018"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(ResNetConfig, SGDConfig):
     """What ``divergence`` measures and trains (hashed: names the run)."""
 
-    data: str = "mnist1d"
-    """Dataset (``bnlab list``)."""
-    model: str = "preresnet"
-    """Model (``bnlab list``): a residual net, as Bjorck et al.'s ResNet-110."""
-    depth: int = 26
-    """Model depth (weight layers)."""
     width: int = 8
     """Model width."""
     norms: tuple[str, ...] = ("bn", "none")
@@ -94,12 +89,6 @@ class Config:
     """The small learning rate (one of ``lrs``), where both nets should be comparable."""
     large_lr: float = 0.1
     """The large learning rate (one of ``lrs``), where BN should be clearly better."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 0.0
-    """Weight decay."""
-    batch_size: int = 128
-    """Examples per training step."""
     epochs: float = 8.0
     """Passes over the training set per run (the same budget for every LR)."""
 

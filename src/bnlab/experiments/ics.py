@@ -65,7 +65,7 @@ from ..probes import ActivationQuantiles, InternalCovariateShift
 from ..probes.accuracy import TrainModeAccuracy
 from ..runs import RunDir
 from .base import Claim, Context, Experiment, fmt, register_experiment, verdict
-from .landscape import arm_records, make_net, train_arm
+from .common import SGDConfig, arm_records, make_net, train_arm
 
 __all__ = ["InternalCovariateShiftExperiment", "Config", "Thresholds", "NORMS", "QUANTILES", "activation_module",
            "activation_instability", "ics_layers_of", "ics_summary"]
@@ -77,27 +77,13 @@ _LABEL = {"none": "no norm", "bn": "BN", "bn-noisy": "noisy BN"}
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(SGDConfig):
     """What ``ics`` trains and measures (hashed: names the run)."""
 
     data: str = "mnist1d"
     """Dataset (``bnlab list``)."""
-    model: str = "convnet"
-    """Model (``bnlab list``)."""
-    width: int = 16
-    """Model width."""
-    depth: int = 1
-    """Model depth."""
-    seed: int = 0
-    """Seed of the split, the initialization and the batch order (the same for every net)."""
     lr: float = 0.05
     """SGD learning rate of every net."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 0.0
-    """Weight decay."""
-    batch_size: int = 128
-    """Examples per step."""
     steps: int = 400
     """Optimizer steps per net."""
     noise_mean_range: float = 0.5

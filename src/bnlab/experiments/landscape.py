@@ -49,51 +49,34 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional
 
 import numpy as np
-from torch import nn
 
 from .. import data as data_mod
-from .. import models
 from ..analysis import series, window_ratio
-from ..data import ArrayData
 from ..plotting import STYLE, learning_curves, save
 from ..probes import HessianQuadForm, LandscapeProbe, TopHessianEigenvalue
 from ..runs import RunDir
-from ..train import make_optimizer, train
 from .base import Claim, Context, Experiment, fmt, register_experiment, verdict
+from .common import SGDConfig, arm_records, make_net, train_arm
 
-__all__ = ["Landscape", "Config", "Thresholds", "ARMS", "QUANTITIES", "quantity", "ratio_verdict", "arm_records",
-           "window_ratios", "make_net", "train_arm"]
+__all__ = ["Landscape", "Config", "Thresholds", "ARMS", "QUANTITIES", "quantity", "ratio_verdict",
+           "window_ratios"]
 
 SOURCE = "Santurkar et al. 2018"
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(SGDConfig):
     """What ``landscape`` trains and measures (hashed: names the run)."""
 
     data: str = "mnist1d"
     """Dataset (``bnlab list``)."""
-    model: str = "convnet"
-    """Model (``bnlab list``)."""
-    width: int = 16
-    """Model width."""
-    depth: int = 1
-    """Model depth."""
-    seed: int = 0
-    """Seed of the split, the initialization and the batch order (the same for every arm)."""
     lr: float = 0.05
     """The learning rate of the compared arms ``bn@lr`` and ``none@lr``."""
     large_lr: float = 0.5
     """The large learning rate of ``bn@large_lr`` and ``none@large_lr`` (where only BN trains)."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 0.0
-    """Weight decay."""
-    batch_size: int = 128
-    """Examples per step."""
     steps: int = 400
     """Optimizer steps per arm."""
     probe_every: int = 10
@@ -147,11 +130,6 @@ def arm_label(cfg: dict, arm: str) -> str:
     return f"{'BN' if norm == 'bn' else 'no norm'}, lr {cfg[lr_key]:g}"
 
 
-def arm_records(recs: list[dict], arm: str) -> list[dict]:
-    """The per-step records of ``arm`` (no eval or bookkeeping events)."""
-    return [r for r in recs if r.get("arm") == arm and "event" not in r]
-
-
 def quantity(recs: list[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
     """One landscape quantity of an arm against step: ``loss_band`` (width), ``grad_band`` (top), ``beta``."""
     if name == "loss_band":
@@ -178,48 +156,6 @@ def ratio_verdict(early: float, late: float, ratio_min: float, late_ratio_min: f
     if early >= ratio_min and math.isfinite(late) and late >= late_ratio_min:
         return True
     return None
-
-
-def make_net(cfg: Any, norm: str, data: ArrayData) -> nn.Module:
-    """The experiment's model with normalization ``norm``, shaped for ``data``.
-
-    ``cfg`` is any ``Config`` with ``model``, ``width``, ``depth`` and ``seed`` (``landscape``'s and
-    ``ics``'s): every arm starts from the same initialization.
-    """
-    return models.make(cfg.model, norm=norm, in_shape=data.in_shape, num_classes=data.num_classes,
-                       width=cfg.width, depth=cfg.depth, seed=cfg.seed)
-
-
-def train_arm(cfg: Any, run: RunDir, ctx: Context, label: str, arm: str, net: nn.Module, lr: float,
-              tr: ArrayData, te: ArrayData, probes: Sequence = (), info: Optional[dict] = None) -> dict:
-    """Train one arm of a Santurkar et al. experiment and record it in ``run``.
-
-    SGD at ``lr`` with ``cfg.momentum`` and ``cfg.weight_decay``, ``cfg.steps`` steps of
-    ``cfg.batch_size`` examples of ``tr`` in the order of ``cfg.seed``, evaluated on ``te`` once
-    per epoch, with ``probes``. Every record goes to the run's metrics tagged ``"arm": arm``,
-    followed by an ``arm_end`` event with the arm's summary.
-
-    Args:
-        cfg: a ``Config`` with those fields (``landscape``'s and ``ics``'s).
-        run: the run directory.
-        ctx: the run's context (device, progress bars).
-        label: the progress bar's prefix (the experiment's name).
-        arm: the arm's name in the records.
-        net: the model (:func:`make_net`).
-        lr: the learning rate.
-        tr, te: training and test data.
-        probes: the probes of the run.
-        info: stored with the arm's summary (e.g. ``{"norm": norm}``).
-
-    Returns:
-        :meth:`bnlab.train.History.summary` followed by ``info``.
-    """
-    opt = make_optimizer(net.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    h = train(net, tr, opt, steps=cfg.steps, batch_size=cfg.batch_size, eval_data=te, device=ctx.device, seed=cfg.seed,
-              probes=list(probes), log=lambda r: run.append_metrics({"arm": arm, **r}), progress=ctx.bar(f"{label} {arm}"))
-    final = {**h.summary(), **(info or {})}
-    run.append_metrics({"event": "arm_end", "arm": arm, **final})
-    return final
 
 
 @register_experiment

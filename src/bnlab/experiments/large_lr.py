@@ -17,36 +17,21 @@ from ..plotting import learning_curves
 from ..runs import RunDir
 from ..train import make_optimizer, train
 from .base import Claim, Context, Experiment, fmt, register_experiment, verdict
+from .common import SGDConfig
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(SGDConfig):
     """What ``large-lr`` trains (hashed: names the run)."""
 
-    data: str = "digits"
-    """Dataset (``bnlab list``)."""
-    model: str = "convnet"
-    """Model (``bnlab list``)."""
-    width: int = 16
-    """Model width."""
-    depth: int = 1
-    """Model depth."""
     norms: tuple[str, ...] = ("bn", "none")
     """The normalizations compared; ``bn`` and ``none`` are the ones judged."""
     small_lr: float = 0.02
     """The small learning rate, where both nets should train."""
     large_lr: float = 0.5
     """The large learning rate, where only BN should train."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    weight_decay: float = 0.0
-    """Weight decay."""
-    batch_size: int = 128
-    """Examples per step."""
     epochs: float = 10.0
     """Passes over the training set per run."""
-    seed: int = 0
-    """Seed of the split, the initialization and the batch order."""
 
 
 @dataclass(frozen=True)
