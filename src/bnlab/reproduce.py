@@ -78,9 +78,9 @@ def format_table(rows: list[dict]) -> str:
             return f"{v:.4g}"
         return "—" if v is None else str(v)
 
-    head = ("claim", "source", "verdict", "key number", "rule")
-    body = [(f"{r['experiment']}/{r['id']}", r["source"], r["status"].upper() if r["status"] == "fails" else r["status"],
-             fmt(r["value"]), r.get("rule", "")) for r in rows]
+    head = ("id", "claim", "source", "verdict", "key number", "rule")
+    body = [(r.get("ref") or "—", f"{r['experiment']}/{r['id']}", r["source"],
+             r["status"].upper() if r["status"] == "fails" else r["status"], fmt(r["value"]), r.get("rule", "")) for r in rows]
     widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
     line = lambda cols: "  ".join(str(c).ljust(w) for c, w in zip(cols, widths)).rstrip()
     return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])

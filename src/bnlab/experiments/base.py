@@ -77,6 +77,9 @@ class Claim:
         source: the source work (a key of :data:`SOURCES`).
         metric: what is measured.
         threshold: the rule in words (the verdict's ``rule`` gives it with the numbers applied).
+        ref: the claim's id in ``shared/CLAIMS.md`` (``A3``, ``S2``, ``B7``, ``L4``, ``T1``, ``W1``, ...),
+            by which the report lets a reader find every row of that table; empty for a claim of
+            bnlab's own that has no row there.
     """
 
     id: str
@@ -84,6 +87,7 @@ class Claim:
     source: str
     metric: str
     threshold: str
+    ref: str = ""
 
 
 @dataclass
@@ -96,6 +100,8 @@ class Verdict:
         value: the key number.
         detail: the numbers behind it, in words.
         rule: the decision rule with the threshold values it applied, e.g. ``"acc ≥ 0.9"``.
+        spread: where the claim rests on several seeds, their number and spread in words, e.g.
+            ``"3 seeds: 95.1 ± 0.4% (min 94.7%)"``; empty otherwise.
     """
 
     claim: str
@@ -103,15 +109,35 @@ class Verdict:
     value: Any = None
     detail: str = ""
     rule: str = ""
+    spread: str = ""
 
     def __post_init__(self) -> None:
         if self.status not in (HOLDS, FAILS, INCONCLUSIVE):
             raise ValueError(f"verdict status must be holds, fails or inconclusive, got {self.status!r}")
 
 
-def verdict(claim: str, ok: Optional[bool], value: Any, detail: str, rule: str = "") -> Verdict:
+def verdict(claim: str, ok: Optional[bool], value: Any, detail: str, rule: str = "", spread: str = "") -> Verdict:
     """``holds`` if ``ok``, ``fails`` if not, ``inconclusive`` if ``ok is None``."""
-    return Verdict(claim, INCONCLUSIVE if ok is None else (HOLDS if ok else FAILS), value, detail, rule)
+    return Verdict(claim, INCONCLUSIVE if ok is None else (HOLDS if ok else FAILS), value, detail, rule, spread)
+
+
+def seed_spread(values, *, unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
+    """``"n seeds: mean ± std (min .., max ..)"`` for a verdict's ``spread`` (NaN values are counted as such).
+
+    Example:
+        >>> seed_spread([0.95, 0.96, 0.94], unit="%", scale=100)
+        '3 seeds: 95 ± 0.816% (min 94%, max 96%)'
+    """
+    vals = [float(v) * scale for v in values]
+    finite = [v for v in vals if math.isfinite(v)]
+    n, bad = len(vals), len(vals) - len(finite)
+    if not finite:
+        return f"{n} seeds: no finite value"
+    mean = sum(finite) / len(finite)
+    std = math.sqrt(sum((v - mean) ** 2 for v in finite) / len(finite))
+    text = (f"{n} seeds: {fmt(mean, digits)} ± {fmt(std, digits)}{unit} "
+            f"(min {fmt(min(finite), digits)}{unit}, max {fmt(max(finite), digits)}{unit})")
+    return text + (f"; {bad} not finite" if bad else "")
 
 
 @dataclass(frozen=True)

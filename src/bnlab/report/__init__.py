@@ -90,7 +90,8 @@ def claims_table(runs: list[ExperimentRun]) -> list[dict]:
     rows = []
     for r in runs:
         for v in r.verdicts:
-            rows.append({"rule": "", **v, "experiment": r.name, "profile": r.profile, "departures": r.departures})
+            rows.append({"rule": "", "ref": "", "spread": "", **v, "experiment": r.name, "profile": r.profile,
+                         "departures": r.departures})
     return rows
 
 
