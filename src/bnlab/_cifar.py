@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
+import stat
 import pickle
 import shutil
 import tarfile
@@ -189,8 +190,20 @@ def _get(batch: dict, key: str):
     raise KeyError(key)
 
 
+#: the official batch files are 31,035,704 bytes (data_batch_*) and 31,035,526 (test_batch); anything
+#: far larger is not one, and is refused before a byte of it is unpickled
+MAX_BATCH_BYTES = 64 * 2**20
+
+
 def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Load and check one batch file: images ``(N, 3, 32, 32)`` uint8, labels ``(N,)`` int64."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise UserError(f"cannot read CIFAR-10 file {path}: {_short(e.strerror or e)}") from None
+    if size > MAX_BATCH_BYTES:
+        raise _corrupt(path, f"{size:,} bytes, far more than an official batch (about 31 MB; at most "
+                             f"{MAX_BATCH_BYTES:,} accepted)")
     try:
         with open(path, "rb") as f:
             batch = _RestrictedUnpickler(f, encoding="bytes").load()
@@ -417,6 +430,15 @@ def load_cifar10(
         raise unknown_name("CIFAR-10 split", str(split), _SPLITS)
     names = _SPLITS[split]
     root = Path(root).expanduser() if root is not None else data_dir() / "cifar10"
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:  # a symlink loop, a name too long, no permission
+        raise UserError(f"CIFAR-10 root {root} cannot be used: {e.strerror or e}; give a directory") from None
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise UserError(f"CIFAR-10 root {root} is a file, not a directory; give the directory that holds "
+                        f"data_batch_1..5 and test_batch (or {CIFAR10_SUBDIR}/)")
 
     batch_dir = _locate(root, names)
     if batch_dir is None:

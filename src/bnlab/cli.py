@@ -7,8 +7,10 @@ A user's mistake (unknown name, bad value, missing data) prints one line
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import sys
+from pathlib import Path
 
 from .errors import UserError
 
@@ -129,14 +131,15 @@ def _cmd_train(args) -> int:
     from . import data as data_mod
     from . import models
     from .errors import check_positive
-    from .runs import RunDir, env_info
-    from .train import make_optimizer, resolve_device, train
+    from .runs import RunDir, check_output_root, env_info, output_lock
+    from .train import check_train_hyperparameters, make_optimizer, resolve_device, train
 
     # Validate everything before anything is written.
     from .errors import check_run_name, check_seed
 
     check_positive("learning rate", args.lr)
     check_seed(args.seed)
+    check_output_root(args.out)
     if args.name is not None:
         check_run_name(args.name)
     if not math.isfinite(args.epochs) or args.epochs < 0:
@@ -166,14 +169,15 @@ def _cmd_train(args) -> int:
         "full_batch": args.full_batch, "affine": not args.no_affine, "freeze_last": args.freeze_last, "seed": args.seed, **opts,
     }
     name = args.name or f"{args.data}-{args.model}-{args.norm}"
-    run = RunDir.create(args.out, name, config, env=env_info(device=device, seed=args.seed))
     n_params = sum(p.numel() for p in params)
-    print(f"bnlab train: {args.model} ({args.norm}, {n_params:,} trained parameters) on {args.data} "
-          f"({len(tr)} train / {len(te)} test), {args.optimizer} lr {args.lr}, device {device}", file=sys.stderr)
-    h = train(model, tr, opt, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, full_batch=args.full_batch,
-              eval_data=te, device=device, seed=args.seed, log=run.append_metrics, progress=False if args.quiet else "train")
-    summary = h.summary()
-    run.finish(summary)
+    check_train_hyperparameters(opt)
+    with output_lock(args.out), RunDir.new(args.out, name, config, env=env_info(device=device, seed=args.seed)) as run:
+        print(f"bnlab train: {args.model} ({args.norm}, {n_params:,} trained parameters) on {args.data} "
+              f"({len(tr)} train / {len(te)} test), {args.optimizer} lr {args.lr}, device {device}", file=sys.stderr)
+        h = train(model, tr, opt, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+                  full_batch=args.full_batch, eval_data=te, device=device, seed=args.seed, log=run.append_metrics,
+                  progress=False if args.quiet else "train")
+        run.finish(h.summary())
     if h.diverged:
         print(f"diverged: {h.reason}")
     f = h.final
@@ -195,12 +199,15 @@ def _print_verdicts(run) -> None:
 
 
 def _cmd_run(args, experiment: str | None = None) -> int:
-    from .experiments import run_experiment
+    from .experiments import resolve, run_experiment
+    from .runs import output_lock
 
     name = experiment or args.experiment
-    run, reused = run_experiment(name, profile=args.profile, out=args.out, overrides=getattr(args, "overrides", None),
-                                 force=args.force, device=args.device, progress=not getattr(args, "quiet", False),
-                                 single_thread=args.threads is None)
+    resolve(name, args.profile, getattr(args, "overrides", None))  # bad settings: one line, before anything is written
+    with output_lock(args.out):
+        run, reused = run_experiment(name, profile=args.profile, out=args.out, overrides=getattr(args, "overrides", None),
+                                     force=args.force, device=args.device, progress=not getattr(args, "quiet", False),
+                                     single_thread=args.threads is None)
     print(f"{name} ({args.profile}){' — reused a complete run with the same configuration' if reused else ''}:")
     _print_verdicts(run)
     figs = sorted((run.path / "figures").glob("*")) if (run.path / "figures").exists() else []
@@ -239,9 +246,13 @@ def _cmd_rejudge(args) -> int:
 
     from .experiments import rejudge
     from .reproduce import format_table
+    from .runs import output_lock
 
     t0 = time.perf_counter()
-    report, rows = rejudge(args.runs_dir, args.overrides)
+    if not Path(args.runs_dir).is_dir():
+        raise UserError(f"no such runs directory: {args.runs_dir}")
+    with output_lock(args.runs_dir):
+        report, rows = rejudge(args.runs_dir, args.overrides)
     print(format_table(rows))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("holds", "fails", "inconclusive")}
     print(f"\n{counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive "
@@ -290,6 +301,12 @@ def _set_threads(args) -> None:
         torch.set_num_threads(threads)
 
 
+#: faults of the machine rather than of bnlab: reported in one line (every run directory is written
+#: atomically or removed on failure, so nothing half-written is left behind)
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.ENAMETOOLONG,
+                       errno.ENOTDIR, errno.EISDIR, errno.ELOOP, errno.EMFILE, errno.ENFILE}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -303,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         return handler(args)
     except UserError as e:
         print(f"bnlab: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"bnlab: error: {e.strerror or e}{where}; nothing half-written was kept", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("bnlab: interrupted", file=sys.stderr)

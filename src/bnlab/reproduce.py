@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from .errors import UserError
-from .experiments import EXPERIMENTS, PROFILES, get_experiment, run_experiment, verdict_rows
+from .experiments import EXPERIMENTS, PROFILES, get_experiment, resolve, run_experiment, verdict_rows
+from .runs import output_lock
 from .report import build
 
 
@@ -39,6 +40,9 @@ def reproduce(
 ) -> tuple[Path, list[dict]]:
     """Run (or reuse) the selected experiments, then build ``<out>/report.html``.
 
+    Holds the lock of ``out`` (:func:`bnlab.runs.output_lock`): a second ``reproduce`` on the same
+    directory refuses with one line naming this process.
+
     Returns:
         ``(report_path, rows)`` with one row per claim (experiment, id, statement, source, status,
         value, detail, reused, seconds).
@@ -46,6 +50,14 @@ def reproduce(
     if profile not in PROFILES:
         raise UserError(f"unknown profile {profile!r}; accepted: {', '.join(PROFILES)}")
     names = select(only)
+    for name in names:
+        resolve(name, profile)  # a profile that does not resolve: one line, before anything is written
+    with output_lock(out):
+        return _reproduce(names, profile=profile, out=out, force=force, device=device, progress=progress,
+                          single_thread=single_thread)
+
+
+def _reproduce(names, *, profile, out, force, device, progress, single_thread):
     rows: list[dict] = []
     bar = None
     if progress:

@@ -14,19 +14,155 @@ Layout::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from ._io import atomic_write_bytes, atomic_write_json, atomic_write_text, to_jsonable
+from .errors import UserError
 
 COMPLETE = "complete"
+LOCK = ".bnlab.lock"
+DAMAGED = ".damaged-"  # a damaged run moved aside: <run>.damaged-<time>
+#: the files a finished run must have readable (JSON, UTF-8), and metrics.jsonl (JSON lines)
+_REQUIRED_JSON = ("config.json", "summary.json")
+
+
+def _missing_ancestors(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, outermost first."""
+    out = []
+    p = Path(path)
+    while not (p.exists() or p.is_symlink()) and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out[::-1]
+
+
+def check_output_root(root: str | Path) -> Path:
+    """Check that ``root`` (``--out``) is a directory, or can be created as one, and is writable.
+
+    Nothing is created. Raises a one-line :class:`~bnlab.errors.UserError` when ``root`` is a
+    file, lies below a file, or lies in a place that cannot be written (permissions, a read-only
+    file system).
+    """
+    p = Path(root)
+    if str(root) == "":
+        raise UserError("--out is empty; give a directory")
+    try:
+        missing = _missing_ancestors(p)
+        existing = missing[0].parent if missing else p
+        if not existing.is_dir():
+            what = "is a file" if existing.exists() else "is not a directory"
+            if missing:
+                raise UserError(f"--out {root} cannot be created: {existing} {what}")
+            raise UserError(f"--out {root} {what}; give a directory")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"--out {root} is not writable (no write permission on {existing})")
+        if hasattr(os, "statvfs") and os.statvfs(existing).f_flag & getattr(os, "ST_RDONLY", 1):
+            raise UserError(f"--out {root} is on a read-only file system ({existing})")
+    except OSError as e:  # a symlink loop, a name too long, ...
+        raise UserError(f"--out {root} cannot be used: {e.strerror or e}") from None
+    return p
+
+
+@contextlib.contextmanager
+def output_lock(root: str | Path) -> Iterator[None]:
+    """Hold ``<root>/.bnlab.lock`` for the duration: a second bnlab on the same ``--out`` refuses.
+
+    The lock is an ``flock`` on the file, released by the kernel when the process ends (even by
+    SIGKILL), so a killed run never leaves a stale lock. The refusal names the other process.
+    """
+    import fcntl
+
+    root = check_output_root(root)
+    created = _missing_ancestors(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            try:
+                other = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+            except OSError:
+                other = "unknown"
+            raise UserError(f"another bnlab process ({other}) is using --out {root}; wait for it to finish "
+                            f"or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, {' '.join(sys.argv[:3])}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+        if created and [q.name for q in root.iterdir()] == [LOCK]:  # nothing else written: leave no trace
+            with contextlib.suppress(OSError):
+                path.unlink()
+                for q in reversed(created):
+                    q.rmdir()
+
+
+def unreadable_reason(run_path: str | Path) -> Optional[str]:
+    """Why a finished run directory cannot be read back (``None`` if it can).
+
+    Checks that ``config.json``, ``summary.json``, ``verdicts.json`` (experiments) and every line
+    of ``metrics.jsonl`` are UTF-8 JSON, and that ``config.json`` has the run's ``config``.
+    """
+    p = Path(run_path)
+    names = list(_REQUIRED_JSON) + (["verdicts.json"] if (p / "experiment.json").exists() else [])
+    for name in names + (["experiment.json"] if (p / "experiment.json").exists() else []):
+        f = p / name
+        try:
+            obj = json.loads(f.read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            return f"{name} is missing"
+        except UnicodeDecodeError:
+            return f"{name} is not UTF-8"
+        except ValueError as e:
+            return f"{name} is not JSON ({e.msg} at line {e.lineno})" if hasattr(e, "msg") else f"{name} is not JSON"
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror})"
+        if not isinstance(obj, (dict, list)) or (name == "config.json" and not isinstance(obj.get("config"), dict)):
+            return f"{name} does not hold what bnlab wrote"
+        if name == "verdicts.json" and not (isinstance(obj, dict) and isinstance(obj.get("verdicts"), list)):
+            return "verdicts.json does not hold verdicts"
+    m = p / "metrics.jsonl"
+    try:
+        with open(m, "rb") as fh:
+            for k, line in enumerate(fh, 1):
+                if line.strip():
+                    json.loads(line.decode("utf-8"))
+    except FileNotFoundError:
+        return "metrics.jsonl is missing"
+    except UnicodeDecodeError:
+        return f"metrics.jsonl line {k} is not UTF-8"
+    except ValueError:
+        return f"metrics.jsonl line {k} is not JSON"
+    except OSError as e:
+        return f"metrics.jsonl cannot be read ({e.strerror})"
+    return None
+
+
+def move_aside(run_path: str | Path) -> Path:
+    """Rename a damaged run to ``<run>.damaged-<time>`` (kept for inspection, never reused); return the new path."""
+    p = Path(run_path)
+    dest = p.with_name(f"{p.name}{DAMAGED}{time.strftime('%Y%m%d-%H%M%S')}")
+    k = 1
+    while dest.exists():
+        k += 1
+        dest = p.with_name(f"{p.name}{DAMAGED}{time.strftime('%Y%m%d-%H%M%S')}-{k}")
+    os.replace(p, dest)
+    return dest
 
 
 def config_hash(config: dict) -> str:
@@ -102,13 +238,40 @@ class RunDir:
         if not d.is_dir():
             return None
         for p in sorted(d.iterdir(), reverse=True):
-            if (p / COMPLETE).exists():
+            if DAMAGED not in p.name and (p / COMPLETE).exists():
                 try:
                     if json.loads((p / "config.json").read_text())["config_hash"] == h:
                         return RunDir(p)
                 except (OSError, ValueError, KeyError):
                     continue
         return None
+
+    @classmethod
+    @contextlib.contextmanager
+    def new(cls, root: str | Path, name: str, config: dict, *, env: Optional[dict] = None) -> Iterator["RunDir"]:
+        """:meth:`create` a run for the duration of a ``with`` block; on any failure (an error, Ctrl-C,
+        a full disk) the unfinished run and every directory this call created are removed.
+
+        Example::
+
+            with RunDir.new("runs", "my-run", config) as run:
+                ...  # train, run.append_metrics(...)
+                run.finish(summary)
+        """
+        check_output_root(root)
+        created = _missing_ancestors(Path(root) / name)
+        run = cls.create(root, name, config, env=env)
+        try:
+            yield run
+        except BaseException:
+            run.close_metrics()
+            shutil.rmtree(run.path, ignore_errors=True)
+            for p in reversed(created):
+                try:
+                    p.rmdir()  # only if empty
+                except OSError:
+                    pass
+            raise
 
     # -------------------------------------------------------------- writing
     def append_metrics(self, record: dict) -> None:

@@ -45,6 +45,31 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+def check_train_hyperparameters(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, in one line, optimizer settings that overflow the parameters' dtype.
+
+    A learning rate of 1e308 is a finite Python float, but an SGD step multiplies float32
+    tensors by it and PyTorch raises "value cannot be converted to type float without overflow".
+    Every numeric hyper-parameter of every group (``lr``, ``weight_decay``, ``momentum``, ...) must
+    be finite and no larger than the largest finite value of its parameters' dtype.
+
+    Raises:
+        UserError: naming the setting, its value and the dtype's limit.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        dtypes = {p.dtype for p in group["params"] if p.is_floating_point()}
+        if not dtypes:
+            continue
+        limit = min(torch.finfo(d).max for d in dtypes)
+        name = min(dtypes, key=lambda d: torch.finfo(d).max)
+        for key, value in group.items():
+            if key == "params" or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if not math.isfinite(value) or abs(value) > limit:
+                raise UserError(f"{key} {value!r} (parameter group {i}) overflows {str(name).replace('torch.', '')} "
+                                f"(largest finite value {limit:.3g}); accepted: finite values up to that")
+
+
 @dataclass
 class History:
     """What a training run produced.
@@ -190,6 +215,7 @@ def train(
             records.append(rec)
         emit(log, rec)
 
+    check_train_hyperparameters(optimizer)
     monitor = Monitor(model, optimizer, probes, log=sink, loss_fn=loss_fn)
     gen = torch.Generator().manual_seed(seed)
 
@@ -224,7 +250,14 @@ def train(
             loss.backward()
             monitor.after_backward(loss)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
+            try:
+                optimizer.step()
+            except RuntimeError as e:  # a hyper-parameter (e.g. a scheduled LR) overflowed the dtype: divergence
+                if "overflow" not in str(e):
+                    raise
+                history.diverged, history.diverged_at, history.reason = True, t, f"optimizer step overflowed at step {t}: {e}"
+                monitor.after_step({"lr": float(lr), "diverged": True})
+                break
             if scheduler is not None:
                 scheduler.step()
             monitor.after_step({"lr": float(lr)})

@@ -451,3 +451,31 @@ def test_archive_that_is_not_gzip_is_refused(tmp_path):
     with pytest.raises(UserError) as e:
         load_cifar10(tmp_path / "dl", "train", download=True, url=path.as_uri(), md5=md5)
     assert "could not extract" in one_line_error(e)
+
+
+# ----------------------------------------------------------------------------- hostile roots and sizes
+def test_huge_batch_file_is_refused_before_reading(cifar):
+    root, _ = cifar
+    with open(root / "test_batch", "r+b") as f:
+        f.truncate(_cifar.MAX_BATCH_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(UserError) as e:
+        load_cifar10(root, "test")
+    msg = one_line_error(e)
+    assert str(root / "test_batch") in msg and "far more than an official batch" in msg
+
+
+def test_root_that_is_a_file_is_one_line(tmp_path):
+    f = tmp_path / "cifar.tar"
+    f.write_bytes(b"x")
+    with pytest.raises(UserError) as e:
+        load_cifar10(f, "test")
+    assert "is a file, not a directory" in one_line_error(e)
+
+
+def test_root_that_is_a_symlink_loop_is_one_line(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.symlink_to(b)
+    b.symlink_to(a)
+    with pytest.raises(UserError) as e:
+        load_cifar10(a, "test", download=True, url="file:///nonexistent")
+    assert "cannot be used" in one_line_error(e)

@@ -16,12 +16,11 @@ configuration hash); ``rejudge`` recomputes ``verdicts.json`` of stored runs fro
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
 from ..errors import UserError, check_seed, unknown_name
-from ..runs import COMPLETE, RunDir, env_info
+from ..runs import COMPLETE, DAMAGED, RunDir, check_output_root, env_info, move_aside, unreadable_reason
 from .base import (INCONCLUSIVE, PROFILES, Context, EXPERIMENTS, Experiment, Verdict, as_dict, field_types,
                    from_dict, get_experiment, parse_settings, replace)
 
@@ -95,10 +94,11 @@ def run_experiment(
 
     A complete run with the same configuration hash under ``out`` is reused unless ``force``; if
     the thresholds asked for differ from those it was judged with, it is judged again (no
-    training). Any failure removes the unfinished run directory (and the directories this call
-    created). On the CPU the run uses one torch thread unless ``single_thread=False`` (the
-    experiments' nets are small: on a 2-core machine one thread was as fast or faster, and far
-    steadier under load).
+    training). A complete run whose files cannot be read back (truncated, empty, not UTF-8, not
+    JSON) is moved aside as ``<run>.damaged-<time>`` with a warning, and run again. Any failure
+    removes the unfinished run directory (and the directories this call created). On the CPU the
+    run uses one torch thread unless ``single_thread=False`` (the experiments' nets are small: on
+    a 2-core machine one thread was as fast or faster, and far steadier under load).
     """
     from ..train import resolve_device
 
@@ -106,39 +106,35 @@ def run_experiment(
     cfg, th = resolve(name, profile, overrides)
     record = config_record(name, profile, cfg)
     dev = resolve_device(device)
-    if not force:
-        prev = RunDir.find_complete(out, name, record)
-        if prev is not None:
-            if prev.read_json(VERDICTS).get("thresholds") != as_dict(th):
-                prev.write_json(VERDICTS, judge_record(exp, profile, prev.read_json("summary.json"), th))
-            return prev, True
     seed = getattr(cfg, "seed", None)
     if isinstance(seed, int):
         check_seed(seed)
-    created = [p for p in (Path(out), Path(out) / name) if not p.exists()]
-    run = RunDir.create(out, name, record, env=env_info(device=dev, seed=seed))
+    check_output_root(out)
+    if not force:
+        prev = RunDir.find_complete(out, name, record)
+        damaged = unreadable_reason(prev.path) if prev is not None else None
+        if damaged:
+            moved = move_aside(prev.path)
+            print(f"bnlab: warning: {prev.path} is damaged ({damaged}); moved aside to {moved.name}, running it again",
+                  file=sys.stderr)
+        elif prev is not None:
+            if prev.read_json(VERDICTS).get("thresholds") != as_dict(th):
+                prev.write_json(VERDICTS, judge_record(exp, profile, prev.read_json("summary.json"), th))
+            return prev, True
     import torch
 
     threads = torch.get_num_threads()
     if dev.type == "cpu" and single_thread:
         torch.set_num_threads(1)  # small nets: intra-op threads only add overhead, and stall on a busy machine
     try:
-        run.write_json("experiment.json", exp.metadata())
-        summary = exp.measure(cfg, run, Context(device=str(dev), progress=progress, profile=profile))
-        run.close_metrics()
-        run.write_json("summary.json", summary)
-        run.write_json(VERDICTS, judge_record(exp, profile, run.read_json("summary.json"), th))
-        exp.figures(run)
-        run.finish()
-    except BaseException:  # a user error, a crash or Ctrl-C: an unfinished run is never kept
-        run.close_metrics()
-        shutil.rmtree(run.path, ignore_errors=True)
-        for p in reversed(created):
-            try:
-                p.rmdir()  # only if empty
-            except OSError:
-                pass
-        raise
+        with RunDir.new(out, name, record, env=env_info(device=dev, seed=seed)) as run:
+            run.write_json("experiment.json", exp.metadata())
+            summary = exp.measure(cfg, run, Context(device=str(dev), progress=progress, profile=profile))
+            run.close_metrics()
+            run.write_json("summary.json", summary)
+            run.write_json(VERDICTS, judge_record(exp, profile, run.read_json("summary.json"), th))
+            exp.figures(run)
+            run.finish()
     finally:
         torch.set_num_threads(threads)
     return run, False
@@ -182,7 +178,7 @@ def experiment_runs(runs_dir: str | Path) -> list[RunDir]:
     found = []
     for exp_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for p in sorted(exp_dir.iterdir()):
-            if p.is_dir() and (p / COMPLETE).exists() and (p / "experiment.json").exists():
+            if p.is_dir() and DAMAGED not in p.name and (p / COMPLETE).exists() and (p / "experiment.json").exists():
                 found.append(RunDir(p))
     return found
 
@@ -201,23 +197,28 @@ def rejudge(runs_dir: str | Path, overrides: list[str] | None = None, *, build_r
         raise UserError(f"no complete experiment runs under {runs_dir} (run `bnlab reproduce --out {runs_dir}` first)")
     pending = []
     for run in runs:
-        try:
-            rec = run.read_json("config.json")["config"]
-            name, profile = rec["experiment"], rec["profile"]
-            summary = run.read_json("summary.json")
-        except (OSError, ValueError, KeyError) as e:
-            print(f"bnlab: warning: skipped unreadable run {run.path}: {e}", file=sys.stderr)
+        reason = unreadable_reason(run.path)
+        if reason:
+            print(f"bnlab: warning: skipped unreadable run {run.path}: {reason}", file=sys.stderr)
             continue
-        if name not in EXPERIMENTS:
-            print(f"bnlab: warning: skipped {run.path}: experiment {name!r} is not registered", file=sys.stderr)
+        rec = run.read_json("config.json")["config"]
+        name, profile = rec.get("experiment"), rec.get("profile")
+        if name not in EXPERIMENTS or profile not in PROFILES:
+            print(f"bnlab: warning: skipped {run.path}: experiment {name!r} (profile {profile!r}) is not registered",
+                  file=sys.stderr)
             continue
-        pending.append((run, EXPERIMENTS[name], profile, summary))
+        pending.append((run, EXPERIMENTS[name], profile, run.read_json("summary.json")))
     exps = list({e.name: e for _, e, _, _ in pending}.values())
     changes = _threshold_changes(overrides, exps)
     rows = []
     for run, exp, profile, summary in pending:
         th = replace(exp.registered_thresholds(profile), changes[exp.name])
-        record = judge_record(exp, profile, summary, th)
+        try:
+            record = judge_record(exp, profile, summary, th)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            print(f"bnlab: warning: skipped {run.path}: its summary.json does not fit {exp.name}'s judge "
+                  f"({type(e).__name__}: {e}; written by another bnlab version?)", file=sys.stderr)
+            continue
         run.write_json(VERDICTS, record)
         rows += [{**v, "experiment": exp.name, "run": str(run.path)} for v in record["verdicts"]]
     report = None

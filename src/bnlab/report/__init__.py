@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Optional
 
 from .._io import atomic_write_text
 from ..errors import UserError
-from ..runs import COMPLETE, RunDir
+from ..runs import COMPLETE, DAMAGED, RunDir, unreadable_reason
 
 STATUS_ORDER = {"fails": 0, "inconclusive": 1, "holds": 2}
 
@@ -46,40 +47,48 @@ class ExperimentRun:
         return str(self.config.get("profile", ""))
 
 
-def _latest_complete(exp_dir: Path) -> Optional[Path]:
-    runs = [p for p in exp_dir.iterdir() if p.is_dir() and (p / COMPLETE).exists() and (p / "verdicts.json").exists()]
-    if not runs:
-        return None
-    return max(runs, key=lambda p: ((p / COMPLETE).stat().st_mtime, p.name))
+def _complete_runs(exp_dir: Path) -> list[Path]:
+    """The complete runs of one experiment, newest first (damaged runs moved aside are skipped)."""
+    runs = [p for p in exp_dir.iterdir() if p.is_dir() and DAMAGED not in p.name and (p / COMPLETE).exists()]
+    return sorted(runs, key=lambda p: ((p / COMPLETE).stat().st_mtime, p.name), reverse=True)
 
 
 def _data_uri(png: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(png.read_bytes()).decode("ascii")
 
 
-def collect(runs_dir: str | Path) -> list[ExperimentRun]:
-    """The newest complete run of each experiment under ``runs_dir`` (sorted by name)."""
+def collect(runs_dir: str | Path, *, unreadable: Optional[list] = None) -> list[ExperimentRun]:
+    """The newest readable complete run of each experiment under ``runs_dir`` (sorted by name).
+
+    A complete run whose files cannot be read back is skipped; ``(path, reason)`` is appended to
+    ``unreadable`` when a list is given.
+    """
     root = Path(runs_dir)
     if not root.is_dir():
         raise UserError(f"no such runs directory: {root}")
     found = []
     for exp_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        path = _latest_complete(exp_dir)
-        if path is None:
-            continue
-        run = RunDir(path)
-        try:
-            meta = run.read_json("experiment.json")
-            cfg = run.read_json("config.json")["config"]
-            judged = run.read_json("verdicts.json")
-            found.append(ExperimentRun(
-                name=meta["name"], path=path, meta=meta, config=cfg, env=run.read_json("env.json"),
-                summary=run.read_json("summary.json"), verdicts=judged["verdicts"],
-                thresholds=judged.get("thresholds", {}), departures=judged.get("departures", {}),
-                figures=[(f.name, _data_uri(f)) for f in sorted((path / "figures").glob("*.png"))] if (path / "figures").is_dir() else [],
-            ))
-        except (OSError, ValueError, KeyError) as e:
-            raise UserError(f"unreadable run directory {path}: {e}") from None
+        for path in _complete_runs(exp_dir):
+            if not (path / "experiment.json").exists():
+                continue  # a `bnlab train` run: no claims to report
+            reason = unreadable_reason(path)
+            if reason is None:
+                run = RunDir(path)
+                meta = run.read_json("experiment.json")
+                judged = run.read_json("verdicts.json")
+                try:
+                    found.append(ExperimentRun(
+                        name=meta["name"], path=path, meta=meta, config=run.read_json("config.json")["config"],
+                        env=run.read_json("env.json"), summary=run.read_json("summary.json"), verdicts=judged["verdicts"],
+                        thresholds=judged.get("thresholds", {}), departures=judged.get("departures", {}),
+                        figures=[(f.name, _data_uri(f)) for f in sorted((path / "figures").glob("*.png"))]
+                        if (path / "figures").is_dir() else [],
+                    ))
+                    break
+                except (OSError, ValueError, KeyError, TypeError) as e:
+                    reason = f"{type(e).__name__}: {e}"
+            if unreadable is not None:
+                unreadable.append((path, reason))
     if not found:
         raise UserError(f"no complete experiment runs under {root} (run `bnlab reproduce --out {root}` first)")
     return found
@@ -105,7 +114,7 @@ def _fmt_value(v) -> str:
     return str(v)
 
 
-def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "") -> str:
+def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "", unreadable: Optional[list] = None) -> str:
     """The report's HTML (a string)."""
     import jinja2
 
@@ -150,15 +159,23 @@ def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "") -> str:
     departures = [(r.name, k, d) for r in runs for k, d in sorted(r.departures.items())]
     return env.get_template("report.html.j2").render(
         rows=rows, sources=sources, runs=runs, counts=counts, profiles=profiles, runs_dir=str(runs_dir), departures=departures,
+        unreadable=[(str(p), reason) for p, reason in (unreadable or [])],
         generated=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     )
 
 
 def build(runs_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report.html`` (default: ``<runs_dir>/report.html``) from the run directories."""
-    runs = collect(runs_dir)
+    """Write ``report.html`` (default: ``<runs_dir>/report.html``) from the run directories.
+
+    Unreadable runs are listed in the report with the reason, and each gets a warning line on
+    standard error; every readable run is rendered.
+    """
+    unreadable: list = []
+    runs = collect(runs_dir, unreadable=unreadable)
+    for path, reason in unreadable:
+        print(f"bnlab: warning: unreadable run {path}: {reason} (listed in the report)", file=sys.stderr)
     out = Path(out) if out is not None else Path(runs_dir) / "report.html"
-    atomic_write_text(out, render(runs, runs_dir=runs_dir))
+    atomic_write_text(out, render(runs, runs_dir=runs_dir, unreadable=unreadable))
     return out
 
 
