@@ -28,6 +28,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: 1 for experiments, whose small nets run faster and steadier on one "
                         "thread; torch's default for train)")
     p.add_argument("--out", default="runs", help="root of the run directories (default: runs/)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="refuse models whose estimated training memory exceeds SIZE (e.g. 16G; default: the device's "
+                        "memory, or BNLAB_MAX_MEMORY)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +161,11 @@ def _cmd_train(args) -> int:
     if args.model not in models.MODELS:
         raise UserError(f"unknown model {args.model!r}; accepted: {', '.join(sorted(models.MODELS))}")
     tr, te = data_mod.load_pair(args.data, root=args.root, seed=args.seed, **data_opts)
+    from .models.memory import check_fits
+
+    check_fits(args.model, in_shape=tr.in_shape, num_classes=tr.num_classes, norm=args.norm,
+               batch_size=len(tr) if args.full_batch else args.batch_size, device=device, max_memory=args.max_memory,
+               **opts)
     torch.manual_seed(args.seed)
     model = models.make(args.model, norm=args.norm, in_shape=tr.in_shape, num_classes=tr.num_classes,
                         affine=not args.no_affine, freeze_last=args.freeze_last, seed=args.seed, **opts)
@@ -207,7 +215,7 @@ def _cmd_run(args, experiment: str | None = None) -> int:
     with output_lock(args.out):
         run, reused = run_experiment(name, profile=args.profile, out=args.out, overrides=getattr(args, "overrides", None),
                                      force=args.force, device=args.device, progress=not getattr(args, "quiet", False),
-                                     single_thread=args.threads is None)
+                                     single_thread=args.threads is None, max_memory=args.max_memory)
     print(f"{name} ({args.profile}){' — reused a complete run with the same configuration' if reused else ''}:")
     _print_verdicts(run)
     figs = sorted((run.path / "figures").glob("*")) if (run.path / "figures").exists() else []
@@ -224,7 +232,8 @@ def _cmd_reproduce(args) -> int:
 
     t0 = time.perf_counter()
     report, rows = reproduce(profile=args.profile, only=args.only, out=args.out, force=args.force,
-                             device=args.device, progress=not args.quiet, single_thread=args.threads is None)
+                             device=args.device, progress=not args.quiet, single_thread=args.threads is None,
+                             max_memory=args.max_memory)
     print(format_table(rows))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("holds", "fails", "inconclusive")}
     print(f"\n{counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive "

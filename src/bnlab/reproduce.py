@@ -37,6 +37,7 @@ def reproduce(
     device: str = "auto",
     progress: bool = True,
     single_thread: bool = True,
+    max_memory: str | None = None,
 ) -> tuple[Path, list[dict]]:
     """Run (or reuse) the selected experiments, then build ``<out>/report.html``.
 
@@ -54,10 +55,10 @@ def reproduce(
         resolve(name, profile)  # a profile that does not resolve: one line, before anything is written
     with output_lock(out):
         return _reproduce(names, profile=profile, out=out, force=force, device=device, progress=progress,
-                          single_thread=single_thread)
+                          single_thread=single_thread, max_memory=max_memory)
 
 
-def _reproduce(names, *, profile, out, force, device, progress, single_thread):
+def _reproduce(names, *, profile, out, force, device, progress, single_thread, max_memory):
     rows: list[dict] = []
     bar = None
     if progress:
@@ -70,7 +71,7 @@ def _reproduce(names, *, profile, out, force, device, progress, single_thread):
                 bar.set_postfix_str(name)
             t0 = time.perf_counter()
             run, reused = run_experiment(name, profile=profile, out=out, force=force, device=device, progress=progress,
-                                         single_thread=single_thread)
+                                         single_thread=single_thread, max_memory=max_memory)
             seconds = time.perf_counter() - t0
             for v in verdict_rows(run):
                 rows.append({**v, "experiment": name, "reused": reused, "seconds": seconds, "run": str(run.path)})

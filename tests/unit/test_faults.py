@@ -226,3 +226,52 @@ def test_the_lock_is_released_when_its_holder_is_killed(tmp_path):
         proc.wait(timeout=30)
     with output_lock(out):  # SIGKILL released it
         pass
+
+
+# ----------------------------------------------------------------------------- absurd sizes
+@pytest.mark.parametrize("name, shape, opts", [("mlp", (1, 8, 8), dict(width=32, depth=3)),
+                                                ("convnet", (1, 40), dict(width=8, depth=2)),
+                                                ("preresnet", (1, 8, 8), dict(width=4, depth=14)),
+                                                ("vgg", (3, 32, 32), dict(width=8, depth=11))])
+def test_memory_estimate_counts_the_real_models_parameters_and_activations(name, shape, opts):
+    from bnlab.models import make
+    from bnlab.models.memory import estimate
+
+    net = make(name, in_shape=shape, num_classes=10, **opts)
+    acts = []
+    hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o.numel())) for m in net.modules() if not list(m.children())]
+    net(torch.randn(3, *shape))
+    for h in hooks:
+        h.remove()
+    e = estimate(name, in_shape=shape, num_classes=10, batch_size=3, **opts)
+    assert e.parameters == sum(p.numel() for p in net.parameters())
+    assert e.activations_per_example * 3 == sum(acts)
+
+
+@pytest.mark.parametrize("name, depth", [("mlp", 90), ("convnet", 70), ("preresnet", 6 * 12 + 2)])
+def test_deep_models_are_extrapolated_exactly_from_two_shallow_builds(name, depth):
+    from bnlab.models import memory
+
+    direct = memory._count(name, (1, 8, 8), 10, "bn", 2, dict(width=4, depth=depth))
+    e = memory.estimate(name, in_shape=(1, 8, 8), num_classes=10, width=4, depth=depth)  # depth > DIRECT_DEPTH
+    assert depth > memory.DIRECT_DEPTH and (e.parameters, e.activations_per_example) == direct
+
+
+@pytest.mark.parametrize("argv", [["train", "--model", "mlp", "--depth", "1000000"],
+                                  ["train", "--model", "convnet", "--width", "100000000"],
+                                  ["run", "large-lr", "--profile", "tiny", "--set", "depth=1000000000"],
+                                  ["train", "--model", "mlp", "--depth", "50", "--max-memory", "1K"]])
+def test_a_model_that_cannot_fit_is_refused_in_one_line_before_it_is_built(tmp_path, capsys, argv):
+    assert main([*argv, "--out", str(tmp_path / "r"), "--quiet"]) == 2  # returns at once: nothing is built
+    _one_line_error(capsys, "would need about")
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_memory_limit_can_be_overridden(monkeypatch):
+    from bnlab.models.memory import check_fits, memory_limit
+
+    monkeypatch.setenv("BNLAB_MAX_MEMORY", "2K")
+    assert memory_limit() == 2048
+    with pytest.raises(Exception, match="more than the 2 KiB available"):
+        check_fits("mlp", in_shape=(1, 8, 8), num_classes=10, width=8, depth=2)
+    assert check_fits("mlp", in_shape=(1, 8, 8), num_classes=10, width=8, depth=2, max_memory="1G").parameters > 0

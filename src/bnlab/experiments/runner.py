@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from typing import Optional
 from pathlib import Path
 
 from ..errors import UserError, check_seed, unknown_name
@@ -89,6 +90,7 @@ def run_experiment(
     device: str = "auto",
     progress: bool = True,
     single_thread: bool = True,
+    max_memory: Optional[str] = None,
 ) -> tuple[RunDir, bool]:
     """Run (or reuse) one experiment: measure → judge → figures. Returns ``(run_dir, reused)``.
 
@@ -98,7 +100,10 @@ def run_experiment(
     JSON) is moved aside as ``<run>.damaged-<time>`` with a warning, and run again. Any failure
     removes the unfinished run directory (and the directories this call created). On the CPU the
     run uses one torch thread unless ``single_thread=False`` (the experiments' nets are small: on
-    a 2-core machine one thread was as fast or faster, and far steadier under load).
+    a 2-core machine one thread was as fast or faster, and far steadier under load). A model whose
+    estimated training memory (:func:`bnlab.models.memory.check_fits`, from the config's ``model``,
+    ``width``, ``depth`` and ``batch_size``) exceeds ``max_memory`` (default: the device's memory)
+    is refused in one line before anything is built.
     """
     from ..train import resolve_device
 
@@ -110,6 +115,7 @@ def run_experiment(
     if isinstance(seed, int):
         check_seed(seed)
     check_output_root(out)
+    check_config_fits(cfg, dev, max_memory)
     if not force:
         prev = RunDir.find_complete(out, name, record)
         damaged = unreadable_reason(prev.path) if prev is not None else None
@@ -138,6 +144,20 @@ def run_experiment(
     finally:
         torch.set_num_threads(threads)
     return run, False
+
+
+def check_config_fits(cfg, device, max_memory: Optional[str] = None) -> None:
+    """:func:`bnlab.models.memory.check_fits` for a ``Config`` that names a built-in dataset and a model."""
+    from ..models import MODELS
+    from ..models.memory import DATASET_SHAPES, check_fits
+
+    data, model = getattr(cfg, "data", None), getattr(cfg, "model", None)
+    if data not in DATASET_SHAPES or model not in MODELS:
+        return
+    in_shape, classes = DATASET_SHAPES[data]
+    options = {k: getattr(cfg, k) for k in ("width", "depth") if isinstance(getattr(cfg, k, None), int)}
+    check_fits(model, in_shape=in_shape, num_classes=classes, batch_size=getattr(cfg, "batch_size", 128), device=device,
+               max_memory=max_memory, **options)
 
 
 # ----------------------------------------------------------------------------- rejudge
