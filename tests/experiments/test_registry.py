@@ -135,6 +135,8 @@ def test_complete_runs_are_reused_and_force_redoes_them(tmp_path):
 
 
 def test_overrides_are_parsed_from_the_dataclass_types():
+    assert resolve_config("large-lr", "tiny", ["norms=bn,none", "batch_size=1e2"])["norms"] == ["bn", "none"]
+    assert resolve_config("large-lr", "tiny", ["norms=bn", "batch_size=1e2"])["batch_size"] == 100
     a = resolve_config("large-lr", "tiny")
     b = resolve_config("large-lr", "tiny", ["epochs=1", "norms=['bn']"])
     assert b["epochs"] == 1.0 and isinstance(b["epochs"], float) and b["norms"] == ["bn"] and a["epochs"] == 2.0
@@ -145,7 +147,7 @@ def test_overrides_are_parsed_from_the_dataclass_types():
 @pytest.mark.parametrize("bad, msg", [
     ("nope=1", "unknown setting 'nope'; accepted: "),
     ("epochs=ten", "setting 'epochs' takes a float"),
-    ("width=2.5", "setting 'width' takes a int"),
+    ("width=2.5", "setting 'width' takes an int"),
     ("norms=bn", "setting 'norms' takes a tuple of str"),
     ("epochs", "--set takes key=value"),
 ])

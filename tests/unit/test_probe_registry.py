@@ -55,6 +55,7 @@ def test_training_is_bit_identical_with_and_without_each_probe(name, norm):
     assert torch.equal(rng_a, rng_b)
     assert [r["loss"] for r in h_a.records] == [r["loss"] for r in h_b.records]
     assert [e.get("train_acc") for e in h_a.evals] == [e.get("train_acc") for e in h_b.evals]
+    assert probes[0].cost == PROBES[name].cost  # the registry states the cost of what it builds
     prefix = probes[0].name + "/"
     measured = [r for r in h_b.records if any(k.startswith(prefix) for k in r)]
     assert measured, f"probe {name} recorded nothing"

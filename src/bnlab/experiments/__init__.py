@@ -19,7 +19,7 @@ from __future__ import annotations
 from .base import (FAILS, HOLDS, INCONCLUSIVE, PROFILES, SOURCES, Claim, Context, EXPERIMENTS, Experiment,
                    NoThresholds, Verdict, as_dict, coerce, field_types, fmt, from_dict, get_experiment,
                    parse_settings, register_experiment, seed_spread, verdict)
-from .runner import (VERDICTS, config_record, experiment_runs, judge_record, rejudge, resolve, resolve_config,
+from .runner import (VERDICTS, applied_thresholds, config_record, experiment_runs, judge_record, rejudge, resolve, resolve_config,
                      run_experiment, verdict_rows)
 
 from . import large_lr as _large_lr  # noqa: E402,F401  (each import registers an experiment)
@@ -35,5 +35,5 @@ __all__ = [
     "HOLDS", "FAILS", "INCONCLUSIVE", "PROFILES", "SOURCES", "EXPERIMENTS", "Claim", "Context", "Experiment",
     "NoThresholds", "Verdict", "verdict", "seed_spread", "register_experiment", "get_experiment", "parse_settings", "coerce",
     "field_types", "as_dict", "from_dict", "fmt", "resolve", "resolve_config", "config_record", "judge_record",
-    "run_experiment", "rejudge", "experiment_runs", "verdict_rows", "VERDICTS",
+    "applied_thresholds", "run_experiment", "rejudge", "experiment_runs", "verdict_rows", "VERDICTS",
 ]

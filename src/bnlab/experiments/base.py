@@ -254,9 +254,10 @@ def type_name(tp) -> str:
 
 def coerce(value: Any, tp, *, key: str = "value"):
     """``value`` as type ``tp`` (``int``, ``float``, ``bool``, ``str``, ``tuple[T, ...]``,
-    ``Optional[T]``), or :class:`TypeError`. Ints are accepted for floats; lists for tuples; a
-    float must be finite unless the field's type is exactly ``float`` and the value is ``inf``
-    (no setting accepts NaN)."""
+    ``Optional[T]``), or :class:`TypeError`. Ints are accepted for floats and integral floats
+    for ints (``1e3``); lists, and comma-separated strings (``bn,none``), for tuples. No setting
+    accepts NaN; ``inf`` is a float like any other (an experiment's ``__post_init__`` refuses it
+    where it makes no sense)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -271,6 +272,8 @@ def coerce(value: Any, tp, *, key: str = "value"):
                 pass
         raise TypeError(key)
     if origin in (tuple, list):
+        if isinstance(value, str) and value.strip():  # --set norms=bn,none
+            value = [_literal(v) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise TypeError(key)
         args = typing.get_args(tp)
@@ -283,6 +286,8 @@ def coerce(value: Any, tp, *, key: str = "value"):
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer() and abs(value) < 2**63:
+            return int(value)  # --set steps=1e3
         raise TypeError(key)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
@@ -361,7 +366,9 @@ def parse_settings(pairs: list[str] | None, *classes: type) -> list[dict]:
         try:
             out[owner][key] = coerce(_literal(raw), tp, key=key)
         except TypeError:
-            raise UserError(f"setting {key!r} takes a {type_name(tp)}, got {raw!r}") from None
+            name = type_name(tp)
+            article = "an" if name[:1] in "aeiou" else "a"
+            raise UserError(f"setting {key!r} takes {article} {name}, got {raw!r}") from None
     return out
 
 

@@ -75,6 +75,19 @@ def judge_record(exp: Experiment, profile: str, summary: dict, th) -> dict:
     }
 
 
+def applied_thresholds(exp: Experiment, run: RunDir):
+    """The ``Thresholds`` a run was last judged with (from its ``verdicts.json``), for figures that
+    draw a threshold; the registered ones of the run's profile when they cannot be read."""
+    try:
+        return from_dict(exp.Thresholds, run.read_json(VERDICTS)["thresholds"])
+    except (OSError, ValueError, KeyError, TypeError, UserError):
+        try:
+            profile = run.read_json("config.json")["config"]["profile"]
+        except (OSError, ValueError, KeyError, TypeError):
+            profile = "quick"
+        return exp.registered_thresholds(profile)
+
+
 def verdict_rows(run: RunDir) -> list[dict]:
     """The verdict rows of a finished experiment run."""
     return run.read_json(VERDICTS)["verdicts"]
@@ -126,6 +139,7 @@ def run_experiment(
         elif prev is not None:
             if prev.read_json(VERDICTS).get("thresholds") != as_dict(th):
                 prev.write_json(VERDICTS, judge_record(exp, profile, prev.read_json("summary.json"), th))
+                exp.figures(prev)  # figures that draw a threshold follow the one applied
             return prev, True
     import torch
 
@@ -239,7 +253,10 @@ def rejudge(runs_dir: str | Path, overrides: list[str] | None = None, *, build_r
             print(f"bnlab: warning: skipped {run.path}: its summary.json does not fit {exp.name}'s judge "
                   f"({type(e).__name__}: {e}; written by another bnlab version?)", file=sys.stderr)
             continue
+        changed = record["thresholds"] != run.read_json(VERDICTS).get("thresholds")
         run.write_json(VERDICTS, record)
+        if changed:
+            exp.figures(run)  # figures that draw a threshold follow the one applied (only then: rejudge stays fast)
         rows += [{**v, "experiment": exp.name, "run": str(run.path)} for v in record["verdicts"]]
     report = None
     if build_report:
@@ -249,5 +266,5 @@ def rejudge(runs_dir: str | Path, overrides: list[str] | None = None, *, build_r
     return report, rows
 
 
-__all__ = ["resolve", "resolve_config", "config_record", "judge_record", "verdict_rows", "run_experiment",
+__all__ = ["applied_thresholds", "resolve", "resolve_config", "config_record", "judge_record", "verdict_rows", "run_experiment",
            "rejudge", "experiment_runs", "from_dict", "VERDICTS"]

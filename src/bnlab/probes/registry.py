@@ -32,28 +32,27 @@ class ProbeEntry:
         cls: the probe class.
         build: ``build(model, batch, loss_fn, every) -> Probe``.
         summary: what it records, in one line.
+        cost: the cost class of the probes it builds (``cheap``, ``standard``, ``expensive``).
     """
 
     name: str
     cls: type
     build: Callable[[nn.Module, Any, Callable, Schedule], Probe]
     summary: str
-
-    @property
-    def cost(self) -> str:
-        return self.cls.cost
+    cost: str
 
 
 PROBES: dict[str, ProbeEntry] = {}
 
 
-def register_probe(name: str, cls: type, summary: str, build: Callable | None = None) -> None:
-    """Register ``cls`` under ``name``; ``build`` defaults to ``cls(every=every)``."""
+def register_probe(name: str, cls: type, summary: str, build: Callable | None = None, *, cost: str | None = None) -> None:
+    """Register ``cls`` under ``name``; ``build`` defaults to ``cls(every=every)``, ``cost`` to ``cls.cost``."""
     if name in PROBES:
         raise ValueError(f"probe {name!r} is already registered")
     if not (isinstance(cls, type) and issubclass(cls, Probe)):
         raise ValueError(f"probe {name!r}: {cls!r} is not a Probe subclass")
-    PROBES[name] = ProbeEntry(name, cls, build or (lambda model, batch, loss_fn, every: cls(every=every)), summary)
+    PROBES[name] = ProbeEntry(name, cls, build or (lambda model, batch, loss_fn, every: cls(every=every)), summary,
+                              cost or cls.cost)
 
 
 def make_probe(name: str, model: nn.Module, batch=None, loss_fn: Callable = F.cross_entropy, *, every: Schedule = 1) -> Probe:
@@ -126,7 +125,8 @@ def _register_builtin() -> None:
     register_probe("intrinsic-grad-norm", IntrinsicGradNorm,
                    "‖∇̃L‖² = Σ_i ‖w_i‖²‖∇_{w_i}L‖² + ‖∇_g L‖² from the step's gradient", _intrinsic(False))
     register_probe("intrinsic-grad-norm-objective", IntrinsicGradNorm,
-                   "the same, of a fixed finite-sum objective (here: the batch in two parts)", _intrinsic(True))
+                   "the same, of a fixed finite-sum objective (here: the batch in two parts)", _intrinsic(True),
+                   cost="standard")
     register_probe("train-mode-accuracy", TrainModeAccuracy, "accuracy of the step's batch in training mode at w_t")
     register_probe("hessian-quad-form", HessianQuadForm, "gᵀHg / ‖g‖²")
     register_probe("top-hessian-eigenvalue", TopHessianEigenvalue, "λ_max by Lanczos over Hessian-vector products",

@@ -114,6 +114,20 @@ def _fmt_value(v) -> str:
     return str(v)
 
 
+def _shorten(obj, keep: int = 12):
+    """``obj`` with long lists cut to their first and last few items (the summaries hold raw series;
+    ``summary.json`` in the run directory has them all)."""
+    if isinstance(obj, dict):
+        return {k: _shorten(v, keep) for k, v in obj.items()}
+    if isinstance(obj, list):
+        if len(obj) > keep:
+            half = keep // 2
+            return [_shorten(v, keep) for v in obj[:half]] + [f"… {len(obj) - 2 * half} more …"] + \
+                   [_shorten(v, keep) for v in obj[-half:]]
+        return [_shorten(v, keep) for v in obj]
+    return obj
+
+
 def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "", unreadable: Optional[list] = None) -> str:
     """The report's HTML (a string)."""
     import jinja2
@@ -126,7 +140,7 @@ def render(runs: list[ExperimentRun], *, runs_dir: str | Path = "", unreadable: 
         lstrip_blocks=True,
     )
     env.filters["fmt"] = _fmt_value
-    env.filters["pretty"] = lambda obj: json.dumps(obj, indent=2, sort_keys=True, default=str)
+    env.filters["pretty"] = lambda obj: json.dumps(_shorten(obj), indent=2, sort_keys=True, default=str)
     rows = claims_table(runs)
     works: dict[str, dict] = {}  # the source works, as stored by each run (the report imports no experiment)
     for r in runs:
