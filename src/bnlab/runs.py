@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,8 @@ def output_lock(root: str | Path) -> Iterator[None]:
                             f"or choose another --out") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, {' '.join(sys.argv[:3])}".encode(), 0)
+        for p in remove_unfinished(root):
+            print(f"bnlab: note: removed {p}, an unfinished run left by an interrupted process", file=sys.stderr)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -110,6 +113,23 @@ def output_lock(root: str | Path) -> Iterator[None]:
                 path.unlink()
                 for q in reversed(created):
                     q.rmdir()
+
+
+_RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{12}(-\d+)?")  # the names RunDir.create gives (time stamp, hash, -k)
+
+
+def remove_unfinished(root: str | Path) -> list[Path]:
+    """Delete the run directories under ``root`` that were never finished (no ``complete`` marker),
+    e.g. left by a process killed with SIGKILL; return them. Call only while holding
+    :func:`output_lock`, so that no live process is writing them."""
+    removed = []
+    root = Path(root)
+    for exp_dir in (p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        for p in exp_dir.iterdir():
+            if p.is_dir() and not p.is_symlink() and _RUN_ID.fullmatch(p.name) and not (p / COMPLETE).exists():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
 
 
 def unreadable_reason(run_path: str | Path) -> Optional[str]:
