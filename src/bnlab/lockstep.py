@@ -15,6 +15,8 @@ float32 arm share the batch, cast once per dtype), optimizer and schedule.
   (:func:`bnlab.scale.compare_trajectories`) and the largest difference of their outputs on a
   fixed batch, evaluated statelessly (:func:`bnlab.functional.stateless_call`: BatchNorm's running
   statistics are not touched, so the comparison does not change the runs).
+- :class:`AngularUpdateTracker`: a hook recording the angular update ``∠(w_t, w_{t+1})`` of each
+  trained tensor of some arms, per step (the quantity of Wan et al.'s spherical motion dynamics).
 
 Example:
     >>> from bnlab.data import ArrayData
@@ -42,9 +44,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .functional import stateless_call
-from .scale import compare_trajectories
+from .scale import angle_between, compare_trajectories
 
-__all__ = ["Arm", "lockstep", "PairTracker", "joint_norm"]
+__all__ = ["Arm", "lockstep", "PairTracker", "AngularUpdateTracker", "joint_norm"]
 
 #: The per-step series of an arm: ``loss``, ``lr``, ``opt_lr``, ``log2_scale`` have one entry per step
 #: (index ``t``: step ``t``); ``norm`` and ``stored_norm`` one more (index 0: the initialization).
@@ -268,3 +270,45 @@ class PairTracker:
             for key, keep in self.subsets.get(pname, {}).items():
                 d[key][t] = compare_trajectories(A.model, B.model, params_a={n: A.params[n] for n in keep},
                                                  params_b={n: B.params[n] for n in keep})["overall"]
+
+
+class AngularUpdateTracker:
+    """A :func:`lockstep` hook: the angle each trained tensor of an arm turns per step.
+
+    ``Δ_t = ∠(w_t, w_{t+1})`` (:func:`bnlab.scale.angle_between`, float64) for every tensor of
+    ``arm.params``. For a scale-invariant tensor trained with weight decay ``λ``, learning rate ``η``
+    and momentum ``γ``, Wan et al. predict that ``Δ_t`` settles at ``√(2ηλ/(1+γ))``. A power-of-two
+    renormalization between steps (:class:`bnlab.schedules.ExpLR`) changes no angle.
+
+    Args:
+        arms: the arms by name (the mapping given to :func:`lockstep`).
+        names: the arms to track.
+        steps: the number of lockstep steps.
+
+    Attributes:
+        series: ``{arm: {"update": (n_tensors, steps + 1), "names": tensor names}}``; index ``t``
+            holds ``∠(w_{t-1}, w_t)`` (the update of step ``t - 1``), index 0 is NaN, and so is every
+            step the arm did not take.
+
+    Reference:
+        R. Wan, Z. Zhu, X. Zhang, J. Sun. Spherical Motion Dynamics: Learning Dynamics of Normalized
+        Neural Network using SGD and Weight Decay. NeurIPS 2021 (arXiv:2006.08419, 2020).
+    """
+
+    def __init__(self, arms: Mapping[str, Arm], names: Sequence[str], *, steps: int) -> None:
+        self.arms, self.names = arms, list(names)
+        self._prev: dict[str, list[torch.Tensor]] = {}
+        self.series = {n: {"update": np.full((len(arms[n].params), steps + 1), np.nan),
+                           "names": np.array(list(arms[n].params))} for n in self.names}
+
+    def __call__(self, t: int) -> None:
+        for n in self.names:
+            arm = self.arms[n]
+            if not arm.alive(t):
+                self._prev.pop(n, None)
+                continue
+            cur = [p.detach().clone() for p in arm.params.values()]
+            prev = self._prev.get(n)
+            if prev is not None:
+                self.series[n]["update"][:, t] = [angle_between(a, b) for a, b in zip(prev, cur)]
+            self._prev[n] = cur

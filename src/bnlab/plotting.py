@@ -12,7 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 STYLE = {"figure.dpi": 110, "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False, "font.size": 9}
-NORM_COLORS = {"bn": "#1f77b4", "none": "#d62728", "ln": "#2ca02c", "gn": "#9467bd", "bn-noisy": "#ff7f0e"}
+NORM_COLORS = {"bn": "#1f77b4", "none": "#d62728", "ln": "#2ca02c", "gn": "#9467bd", "bn-noisy": "#ff7f0e",
+               "l1": "#8c564b", "l2": "#e377c2", "linf": "#17becf"}
 
 
 def color_for(norm: str, fallback_index: int = 0) -> str:

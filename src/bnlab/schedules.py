@@ -61,6 +61,13 @@ quantity PyTorch computes from the rescaled state when the loss is computed scal
 joint norm leaves ``[ref/B, ref·B]`` (``ref`` = initial norm, ``B = renorm_bound``), keeping an
 exponential schedule inside float32's range indefinitely.
 
+Zero buffers (bnlab's extension, :class:`ExactExpLR`). The preset buffer can be avoided: with
+both runs starting from PyTorch's zero (lazily created) buffer the map ``w_t = c_t w̃_t`` is exact
+for ``c_0 = 1``, ``c_1 = 1 - λη_0``, ``c_{t+1} = (1 + γ r_t - λη_t) c_t - γ r_t c_{t-1}``
+(``r_t = η_t/η_{t-1}``) and ``η̃_t = η_t/(c_t c_{t+1})``, for a constant LR and for step decay
+alike (an exact TEXP without boundary corrections); see :class:`ExactExpLR`,
+:func:`exact_exp_lr`, :func:`exact_scale_factors` (REFERENCES.md §6).
+
 Making a network fully scale-invariant (:func:`bnlab.scale.make_fully_scale_invariant`) and
 measuring how far two runs are apart in direction (:func:`bnlab.scale.compare_trajectories`) are in
 :mod:`bnlab.scale`.
@@ -90,6 +97,9 @@ __all__ = [
     "step_decay_lr",
     "ExpLR",
     "TEXP",
+    "ExactExpLR",
+    "exact_exp_lr",
+    "exact_scale_factors",
     "check_hparams",
 ]
 
@@ -437,13 +447,18 @@ def _resolve_managed(optimizer, params) -> tuple[list[int], list[torch.Tensor]]:
     return managed, tensors
 
 
-class _WDEquivalentSchedule(LRScheduler):
-    """Shared machinery of :class:`ExpLR` and :class:`TEXP` (see the module docstring)."""
+class _ScaleInvariantLR(LRScheduler):
+    """Shared machinery of the schedules that replace weight decay (:class:`ExpLR`, :class:`TEXP`,
+    :class:`ExactExpLR`): validation of the optimizer, power-of-two renormalization, accessors.
+
+    A subclass stores its own settings, implements :meth:`_setup` (called once the optimizer is
+    checked), :meth:`_lr_frexp_at` (``η̃_t`` as ``(m, e)``) and :meth:`_wd_factor_frexp` (``f`` with
+    ``w_t = f · w̃_t``), and may act before each optimizer step in :meth:`_before_step`.
+    """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
-        lr_phases,
         *,
         weight_decay: float,
         momentum: float,
@@ -456,9 +471,9 @@ class _WDEquivalentSchedule(LRScheduler):
             raise UserError(
                 f"{what} needs torch.optim.SGD (with or without momentum), got {type(optimizer).__name__}"
             )
-        self._phases = _make_phases(lr_phases, weight_decay, momentum)
         self._weight_decay = float(weight_decay)
         self._momentum = float(momentum)
+        self._setup()
         if not isinstance(renormalize, bool):
             raise UserError(f"renormalize must be True or False, got {renormalize!r}")
         if isinstance(renorm_bound, bool) or not isinstance(renorm_bound, (int, float)) or not 2 <= renorm_bound < math.inf:
@@ -482,6 +497,7 @@ class _WDEquivalentSchedule(LRScheduler):
                     f"the optimizer's momentum {float(group['momentum'])!r} differs from momentum="
                     f"{momentum!r} given to {what}; they must be equal"
                 )
+        self._check_state(optimizer, what)
         self._log2_scale = 0  # k: the optimizer holds w̃ / 2^k, buffers 2^k ṽ, LR η̃ / 4^k
         ref = self._joint_norm()
         if not (math.isfinite(ref) and ref > 0):
@@ -490,24 +506,41 @@ class _WDEquivalentSchedule(LRScheduler):
         self.renormalizations = 0
         super().__init__(optimizer)
 
+    # -- what a subclass provides ------------------------------------------------------
+
+    def _setup(self) -> None:
+        """Validate and store the subclass's schedule (``self._weight_decay``/``_momentum`` are set)."""
+
+    def _check_state(self, optimizer, what: str) -> None:
+        """Refuse optimizer state the schedule cannot start from (default: accept any)."""
+
+    def _before_step(self, step: int) -> None:
+        """Act on the optimizer state just before optimizer step ``step`` (after any rescaling)."""
+
+    def _lr_frexp_at(self, step: int) -> tuple[float, int]:  # pragma: no cover - abstract
+        """``η̃_step`` of the un-rescaled run as ``(m, e)``."""
+        raise NotImplementedError
+
+    def _wd_factor_frexp(self, step: int) -> tuple[float, int]:  # pragma: no cover - abstract
+        """``f`` with ``w_step = f · w̃_step`` (the weight-decay run from the un-rescaled one) as ``(m, e)``."""
+        raise NotImplementedError
+
     # -- torch LRScheduler protocol ---------------------------------------------------
 
     def step(self, epoch: Optional[int] = None) -> None:  # noqa: D401 - torch's signature
-        """Advance one optimizer step: rescale if needed, correct the buffer at a phase start, set the LR."""
+        """Advance one optimizer step: rescale if needed, adjust the buffers if the schedule asks, set the LR."""
         if epoch is not None:
-            raise UserError("ExpLR/TEXP count optimizer steps themselves; call step() without an epoch")
+            raise UserError(f"{type(self).__name__} counts optimizer steps itself; call step() without an epoch")
         upcoming = self.last_epoch + 1  # the index t of the optimizer step about to be taken
         with torch.no_grad():
             if self._renormalize:
                 self._maybe_renormalize()
-            for i, phase in enumerate(self._phases):
-                if phase.start == upcoming:
-                    self._correct_buffers(self._phases[i - 1].kappa if i else 0.0, phase.kappa, upcoming)
+            self._before_step(upcoming)
         super().step()
 
     def get_lr(self) -> list[Any]:
         """Learning rates for step ``last_epoch``: ``η̃_t / 4^k`` on the managed groups."""
-        m, e = _lr_frexp(self._phases, self.last_epoch)
+        m, e = self._lr_frexp_at(self.last_epoch)
         lr = _ldexp(m, e - 2 * self._log2_scale)
         managed = set(self._managed)
         return [lr if i in managed else group["lr"] for i, group in enumerate(self.optimizer.param_groups)]
@@ -531,19 +564,16 @@ class _WDEquivalentSchedule(LRScheduler):
     def unrescaled_lr(self, step: Optional[int] = None) -> float:
         """The LR ``η̃_t`` of the un-rescaled run at ``step`` (default: the current step)."""
         step = self.last_epoch if step is None else _check_step(step)
-        return _ldexp(*_lr_frexp(self._phases, step))
+        return _ldexp(*self._lr_frexp_at(step))
 
     def wd_run_factor(self) -> float:
         """``f`` with ``w_t = f · p``: maps the optimizer's parameters to the weight-decay run's weights.
 
-        ``f = 2^k / s_t = 2^k ∏_J α_J^{n_J}`` (``inf``/``0`` only in the unlikely event that it
-        leaves the float range). Valid between steps, for ``t = last_epoch``.
+        ``f = 2^k · w_t/w̃_t`` (``inf``/``0`` only in the unlikely event that it leaves the float
+        range). Valid between steps, for ``t = last_epoch``.
         """
-        m, e = _inv_scale_sq_frexp(self._phases, self.last_epoch)
-        # sqrt of m·2^e with e made even
-        if e % 2:
-            m, e = 2 * m, e - 1
-        return _ldexp(math.sqrt(m), e // 2 + self._log2_scale)
+        m, e = self._wd_factor_frexp(self.last_epoch)
+        return _ldexp(m, e + self._log2_scale)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -572,6 +602,45 @@ class _WDEquivalentSchedule(LRScheduler):
                 buf.mul_(up)
         self._log2_scale += j
         self.renormalizations += 1
+
+
+class _WDEquivalentSchedule(_ScaleInvariantLR):
+    """Shared machinery of :class:`ExpLR` and :class:`TEXP` (see the module docstring)."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        lr_phases,
+        *,
+        weight_decay: float,
+        momentum: float,
+        renormalize: bool,
+        params: Optional[Iterable[torch.Tensor]],
+        renorm_bound: float,
+        what: str,
+    ) -> None:
+        self._lr_phases_arg = lr_phases
+        super().__init__(optimizer, weight_decay=weight_decay, momentum=momentum, renormalize=renormalize,
+                         params=params, renorm_bound=renorm_bound, what=what)
+
+    def _setup(self) -> None:
+        self._phases = _make_phases(self._lr_phases_arg, self._weight_decay, self._momentum)
+        del self._lr_phases_arg
+
+    def _before_step(self, step: int) -> None:
+        for i, phase in enumerate(self._phases):
+            if phase.start == step:
+                self._correct_buffers(self._phases[i - 1].kappa if i else 0.0, phase.kappa, step)
+
+    def _lr_frexp_at(self, step: int) -> tuple[float, int]:
+        return _lr_frexp(self._phases, step)
+
+    def _wd_factor_frexp(self, step: int) -> tuple[float, int]:
+        """``1/s_t = ∏_J α_J^{n_J}``: the square root of :func:`_inv_scale_sq_frexp`."""
+        m, e = _inv_scale_sq_frexp(self._phases, step)
+        if e % 2:  # sqrt of m·2^e with e made even
+            m, e = 2 * m, e - 1
+        return math.sqrt(m), e // 2
 
     def _correct_buffers(self, kappa_before: float, kappa_after: float, step: int) -> None:
         """``ṽ += (κ_{I-1} - κ_I) · w / σ²`` in the optimizer's (rescaled) units, ``σ = s_t / 2^k``."""
@@ -716,3 +785,247 @@ class TEXP(_WDEquivalentSchedule):
     def alphas(self) -> list[float]:
         """``α_I`` of each phase."""
         return [p.alpha for p in self._phases]
+
+
+# --------------------------------------------------------------------------- exact schedule with zero buffers
+
+
+def _phases_arg(lr: Optional[float], lr_phases, weight_decay: float, momentum: float) -> list[tuple[int, float]]:
+    """``lr_phases`` from exactly one of ``lr`` (a constant LR) and ``lr_phases``, validated."""
+    if (lr is None) == (lr_phases is None):
+        raise UserError("give exactly one of lr (a constant learning rate) and lr_phases ([(0, lr0), (T1, lr1), ...])")
+    phases = _check_phases([(0, lr)] if lr_phases is None else lr_phases)
+    for _, lr_i in phases:
+        check_hparams(lr_i, weight_decay, momentum)
+    return phases
+
+
+class _ScaleRecursion:
+    """The factors ``c_t`` of the exact zero-buffer map, advanced one step at a time.
+
+    ``c_0 = 1``, ``c_1 = 1 - λη_0``, ``c_{t+1} = (1 + γ r_t - λη_t) c_t - γ r_t c_{t-1}`` with
+    ``r_t = η_t/η_{t-1}``. The pair ``(c_t, c_{t+1})`` is held as ``(a·2^e, b·2^e)``: the recursion
+    is linear and homogeneous, so rescaling both by a power of two is exact and keeps them in range
+    for any number of steps (the values equal the plain float64 recursion bit for bit while it is in
+    range).
+    """
+
+    __slots__ = ("phases", "weight_decay", "momentum", "t", "a", "b", "e")
+
+    def __init__(self, phases: Sequence[tuple[int, float]], weight_decay: float, momentum: float) -> None:
+        self.phases = list(phases)
+        self.weight_decay, self.momentum = float(weight_decay), float(momentum)
+        self.reset()
+
+    def reset(self) -> None:
+        self.t, self.a, self.e = 0, 1.0, 0
+        self.b = self._positive(1.0 - self.weight_decay * self.lr(0), 1)
+
+    def lr(self, step: int) -> float:
+        """``η_t`` of the weight-decay run."""
+        return [lr for start, lr in self.phases if start <= step][-1]
+
+    def _positive(self, c: float, index: int) -> float:
+        if not c > 0:
+            raise UserError(
+                f"the exact exponential schedule needs c_t > 0, but c_{index} = {c:.6g} (times 2^{self.e}): "
+                f"lr*weight_decay is too large for momentum {self.momentum:g} (real roots of "
+                f"x² - (1+γ-λη)x + γ need λη <= (1 - sqrt(γ))²)"
+            )
+        return c
+
+    def advance(self) -> None:
+        """``(c_t, c_{t+1}) -> (c_{t+1}, c_{t+2})``."""
+        t1 = self.t + 1
+        eta, eta_prev = self.lr(t1), self.lr(self.t)
+        gr = self.momentum * (eta / eta_prev)
+        c = self._positive((1.0 + gr - self.weight_decay * eta) * self.b - gr * self.a, t1 + 1)
+        self.t, self.a, self.b = t1, self.b, c
+        k = math.frexp(c)[1]
+        if abs(k) > 256:  # exact rescaling by 2^-k keeps both numbers far from under/overflow
+            self.a, self.b, self.e = math.ldexp(self.a, -k), math.ldexp(self.b, -k), self.e + k
+
+    def seek(self, step: int) -> None:
+        """Advance (or restart) so that ``t == step``."""
+        if step < self.t:
+            self.reset()
+        while self.t < step:
+            self.advance()
+
+    def c_frexp(self) -> tuple[float, int]:
+        """``c_t`` as ``(m, e)``."""
+        m, de = math.frexp(self.a)
+        return m, de + self.e
+
+    def lr_frexp(self) -> tuple[float, int]:
+        """``η̃_t = η_t/(c_t c_{t+1})`` as ``(m, e)``."""
+        m, de = math.frexp(self.lr(self.t) / (self.a * self.b))
+        return m, de - 2 * self.e
+
+
+def exact_scale_factors(steps: int, *, lr: Optional[float] = None, lr_phases=None, weight_decay: float,
+                        momentum: float) -> list[float]:
+    """The factors ``c_0, ..., c_steps`` with ``w_t = c_t · w̃_t`` (weight-decay run = ``c_t`` × exact-ExpLR run).
+
+    ``c_0 = 1``, ``c_1 = 1 - λη_0``, ``c_{t+1} = (1 + γ r_t - λη_t) c_t - γ r_t c_{t-1}``,
+    ``r_t = η_t/η_{t-1}`` (see :class:`ExactExpLR`). For a constant LR, ``c_t → A α^t`` (``α`` of
+    :func:`wd_equivalent_alpha`); float64 values underflow to 0 after ~``700/(1-α)`` steps (the
+    schedulers never do: they hold ``c_t`` as a mantissa and a binary exponent).
+
+    Args:
+        steps: ``T >= 0``.
+        lr: a constant ``η`` (give this or ``lr_phases``).
+        lr_phases: ``[(0, η_0), (T_1, η_1), ...]``: step decay.
+        weight_decay: ``λ``; momentum: ``γ``.
+
+    Returns:
+        ``[c_0, ..., c_T]`` as floats.
+
+    Raises:
+        UserError: bad values, or some ``c_t <= 0`` (``λη`` too large for ``γ``).
+
+    Reference:
+        REFERENCES.md §6 ("Li & Arora, exact for torch's SGD with both buffers at zero"),
+        extending Li & Arora (ICLR 2020), Theorem 2.1.
+    """
+    wd, mom = float(weight_decay), float(momentum)
+    rec = _ScaleRecursion(_phases_arg(lr, lr_phases, wd, mom), wd, mom)
+    out = [_ldexp(*rec.c_frexp())]
+    for _ in range(_check_step(steps)):
+        rec.advance()
+        out.append(_ldexp(*rec.c_frexp()))
+    return out
+
+
+def exact_exp_lr(step: int, *, lr: Optional[float] = None, lr_phases=None, weight_decay: float,
+                 momentum: float) -> float:
+    """Learning rate at ``step`` of the exact exponential schedule that needs no preset momentum buffer.
+
+    ``η̃_t = η_t / (c_t c_{t+1})`` with ``c_t`` from :func:`exact_scale_factors`: SGD with no
+    weight decay, momentum ``γ``, this LR and PyTorch's default (lazily created) momentum buffer
+    follows ``w̃_t = w_t / c_t`` where ``w_t`` is SGD with ``(η_t, λ, γ)`` (constant LR or step
+    decay), on a loss scale-invariant in all trained parameters jointly. Costs ``O(step)``.
+
+    Args:
+        step: ``t >= 0``.
+        lr: a constant ``η`` (give this or ``lr_phases``).
+        lr_phases: ``[(0, η_0), (T_1, η_1), ...]``: step decay (the exact TEXP).
+        weight_decay: ``λ``; momentum: ``γ``.
+
+    Returns:
+        ``η̃_t`` (``inf`` past the float range).
+
+    Example:
+        >>> exact_exp_lr(0, lr=0.1, weight_decay=0.01, momentum=0.9) == 0.1 / (1 - 0.1 * 0.01)
+        True
+
+    Reference:
+        REFERENCES.md §6, extending Li & Arora (ICLR 2020), Theorem 2.1.
+    """
+    wd, mom = float(weight_decay), float(momentum)
+    rec = _ScaleRecursion(_phases_arg(lr, lr_phases, wd, mom), wd, mom)
+    rec.seek(_check_step(step))
+    return _ldexp(*rec.lr_frexp())
+
+
+class ExactExpLR(_ScaleInvariantLR):
+    """Exact exponential LR from PyTorch's zero momentum buffer: no preset buffer needed (bnlab's extension).
+
+    :class:`ExpLR` is exact only with the momentum buffer preset to ``ṽ_{-1} = -λ/(α-γ) w_0``. This
+    schedule instead takes the transient of the map into the LR. With ``η_t`` the weight-decay run's
+    LR (constant, or step decay) and both runs starting from PyTorch's default buffer
+    (``v_0 = g_0 + λw_0``, ``ṽ_0 = g̃_0``)::
+
+        c_0 = 1,   c_1 = 1 - λη_0,   c_{t+1} = (1 + γ r_t - λη_t) c_t - γ r_t c_{t-1},   r_t = η_t/η_{t-1}
+
+        η̃_t = η_t / (c_t c_{t+1})
+
+    and then ``w_t = c_t w̃_t`` for every ``t`` (same directions, same network function). Derivation:
+    eliminating the buffer, torch's SGD with weight decay is ``w_{t+1} = (1 + γ r_t - λη_t) w_t -
+    γ r_t w_{t-1} - η_t ∇L(w_t)`` (``w_1 = (1 - λη_0) w_0 - η_0 ∇L(w_0)``) and without it
+    ``w̃_{t+1} = (1 + γ r̃_t) w̃_t - γ r̃_t w̃_{t-1} - η̃_t ∇L(w̃_t)``; substituting ``w_t = c_t w̃_t``
+    and ``∇L(c w) = ∇L(w)/c`` and matching the coefficients of ``∇L(w̃_t)``, ``w̃_t``, ``w̃_{t-1}``
+    gives ``η̃_t = η_t/(c_t c_{t+1})``, the recursion, and ``c_{t+1} r̃_t = r_t c_{t-1}`` (implied).
+    For a constant LR ``c_t = A α^t + B (γ/α)^t``: the schedule tends to ExpLR's ``α^{-2t}`` growth, the
+    transient ``(γ/α)^t`` is what ExpLR's buffer preset absorbs. For step decay it is an exact TEXP
+    with no buffer correction at the boundaries. It needs ``c_t > 0`` (``λη_t <= (1-√γ)²`` in practice);
+    a ``c_t <= 0`` raises :class:`~bnlab.errors.UserError` at the step it occurs.
+
+    ``c_t`` is held as a mantissa and a binary exponent (exact power-of-two rescaling of the linear
+    recursion), so the schedule runs for any number of steps; with ``renormalize=True`` the state is
+    rescaled by powers of two as in :class:`ExpLR` (the optimizer then holds ``w̃/2^k`` and the LR
+    ``η̃_t/4^k``; :attr:`rescale_factor`, :meth:`unrescaled_lr`, :meth:`wd_run_factor` as there).
+
+    Assumptions: the loss is scale-invariant in all managed parameters jointly; one shared
+    ``(η_t, λ, γ)``; ``dampening = 0``; no Nesterov; the optimizer has taken no step yet (no momentum
+    buffers: they are created lazily by ``torch.optim.SGD`` at its first step). Call
+    ``scheduler.step()`` after every ``optimizer.step()``.
+
+    Args:
+        optimizer: a fresh ``torch.optim.SGD`` with ``weight_decay=0`` and ``momentum=γ``.
+        lr: the constant ``η`` of the weight-decay run (give this or ``lr_phases``).
+        lr_phases: ``[(0, η_0), (T_1, η_1), ...]``: the step decay of the weight-decay run.
+        weight_decay: ``λ``; momentum: ``γ`` (equal to the optimizer's).
+        renormalize, params, renorm_bound: as in :class:`ExpLR`.
+
+    Raises:
+        UserError: as :class:`ExpLR`; both or neither of ``lr``/``lr_phases``; momentum buffers already
+            in the optimizer's state (continue a run with :class:`ExpLR` instead); ``c_t <= 0``.
+
+    Example:
+        >>> opt = torch.optim.SGD(params, lr=0.1, momentum=0.9)   # no weight_decay, fresh
+        >>> sched = ExactExpLR(opt, lr_phases=[(0, 0.1), (500, 0.01)], weight_decay=5e-4, momentum=0.9)
+        >>> for x, y in data:
+        ...     opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step(); sched.step()
+
+    Reference:
+        REFERENCES.md §6 ("Li & Arora, exact for torch's SGD with both buffers at zero"); extends
+        Z. Li, S. Arora, An Exponential Learning Rate Schedule for Deep Learning, ICLR 2020,
+        Theorem 2.1 and TEXP (Sec. 4). Verified against float64 SGD with weight decay in
+        ``tests/unit/test_exact_explr.py``.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        lr: Optional[float] = None,
+        lr_phases=None,
+        weight_decay: float,
+        momentum: float,
+        renormalize: bool = True,
+        params: Optional[Iterable[torch.Tensor]] = None,
+        renorm_bound: float = 2.0**8,
+    ) -> None:
+        self._lr_args = (lr, lr_phases)
+        super().__init__(optimizer, weight_decay=weight_decay, momentum=momentum, renormalize=renormalize,
+                         params=params, renorm_bound=renorm_bound, what="ExactExpLR")
+
+    def _setup(self) -> None:
+        lr, lr_phases = self._lr_args
+        del self._lr_args
+        self.lr_phases = _phases_arg(lr, lr_phases, self._weight_decay, self._momentum)
+        self._rec = _ScaleRecursion(self.lr_phases, self._weight_decay, self._momentum)
+
+    def _check_state(self, optimizer, what: str) -> None:
+        if any(optimizer.state.get(p, {}).get("momentum_buffer") is not None for p in self._params):
+            raise UserError(f"{what} starts from PyTorch's zero momentum buffer, but the optimizer already holds "
+                            "momentum buffers; use ExpLR to continue a run")
+
+    def _lr_frexp_at(self, step: int) -> tuple[float, int]:
+        if step == self._rec.t or step > self._rec.t:
+            self._rec.seek(step)
+            return self._rec.lr_frexp()
+        rec = _ScaleRecursion(self.lr_phases, self._weight_decay, self._momentum)  # an earlier step: recompute
+        rec.seek(step)
+        return rec.lr_frexp()
+
+    def _wd_factor_frexp(self, step: int) -> tuple[float, int]:
+        """``c_t``: ``w_t = c_t w̃_t``."""
+        self._rec.seek(step)
+        return self._rec.c_frexp()
+
+    def scale_factor(self) -> float:
+        """``c_t`` at ``t = last_epoch`` (``w_t = c_t w̃_t``; ``0.0`` once it underflows float64)."""
+        self._rec.seek(self.last_epoch)
+        return _ldexp(*self._rec.c_frexp())

@@ -326,13 +326,20 @@ def run_exp_lr(
 def direction_deviation(traj_a: np.ndarray, traj_b: np.ndarray) -> np.ndarray:
     """Angle between ``w_a/‖w_a‖`` and ``w_b/‖w_b‖`` per step, in float64 radians.
 
-    ``2 atan2(‖â - b̂‖, ‖â + b̂‖)``, accurate down to ~1e-16 (float32 inputs are converted exactly).
+    The batched (one angle per row) form of :func:`bnlab.scale.angle_between`, with its formula
+    ``2 atan2(‖â - b̂‖, ‖â + b̂‖)`` (accurate down to ~1e-16; float32 inputs are converted exactly)
+    and its convention: two zero vectors give 0, one zero or non-finite vector gives NaN.
     """
     a = np.asarray(traj_a, dtype=np.float64)
     b = np.asarray(traj_b, dtype=np.float64)
-    a = a / np.linalg.norm(a, axis=-1, keepdims=True)
-    b = b / np.linalg.norm(b, axis=-1, keepdims=True)
-    return 2.0 * np.arctan2(np.linalg.norm(a - b, axis=-1), np.linalg.norm(a + b, axis=-1))
+    na = np.linalg.norm(a, axis=-1, keepdims=True)
+    nb = np.linalg.norm(b, axis=-1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        a, b = a / na, b / nb
+        theta = 2.0 * np.arctan2(np.linalg.norm(a - b, axis=-1), np.linalg.norm(a + b, axis=-1))
+    na, nb = na[..., 0], nb[..., 0]
+    ok = (na > 0) & (nb > 0) & np.isfinite(na) & np.isfinite(nb)
+    return np.where((na == 0) & (nb == 0), 0.0, np.where(ok, theta, np.nan))
 
 
 # --------------------------------------------------------------------------- figures

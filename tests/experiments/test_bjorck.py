@@ -10,7 +10,7 @@ import pytest
 from bnlab import models
 from bnlab.analysis import deep_vs_shallow, diverging_updates, first_exceeding, fit_growth, median_curve
 from bnlab.experiments import run_experiment
-from bnlab.experiments.activations import main_path_layers, singular_value_products
+from bnlab.experiments.activations import main_path_layers, singular_value_products, stream_layers
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,12 @@ def test_deep_vs_shallow_growth():
     assert deep_vs_shallow(std)["deep"] == math.inf
 
 
+def test_stream_layers_are_the_stem_the_blocks_and_the_classifier():
+    net = models.make("preresnet", norm="none", in_shape=(1, 40), num_classes=10, depth=14, width=4, seed=0)
+    names = [n for n, m in net.named_modules() if stream_layers(n, m)]
+    assert names == ["features.0", *[f"features.{i}" for i in range(1, 7)], "classifier"]
+
+
 def test_main_path_layers_skip_shortcuts():
     net = models.make("preresnet", norm="none", in_shape=(1, 8, 8), num_classes=10, depth=26, width=4, seed=0)
     names = [n for n, m in net.named_modules() if main_path_layers(n, m)]
@@ -88,30 +94,61 @@ def test_main_path_layers_skip_shortcuts():
 def test_divergence_relative_loss_at_small_alpha_is_below_one_for_both_nets(tiny_runs):
     run = tiny_runs["divergence"]
     npz = run.load_arrays("relative_loss.npz")
+    cfg = run.read_json("config.json")["config"]
     alphas = npz["alphas"]
     assert np.all(np.diff(alphas) > 0)
+    n_seeds, n_steps = len(cfg["seeds"]), len(cfg["rl_steps"])
     for norm in ("bn", "none"):
         rel = npz[f"rel_{norm}"]
-        assert rel.shape == (2, len(alphas))
-        assert np.all(rel[:, 0] < 1.0) and np.all(rel[:, 0] > 0.9)  # a tiny gradient step lowers the loss, a little
+        assert rel.shape == (n_seeds, cfg["rl_batches"], len(alphas))
+        assert np.all(rel[..., 0] < 1.0) and np.all(rel[..., 0] > 0.9)  # a tiny gradient step lowers the loss, a little
         assert np.all(npz[f"loss0_{norm}"] > 0)
+        tr = npz[f"rel_train_{norm}"]
+        assert tr.shape == (n_steps, n_seeds, cfg["rl_train_batches"], len(alphas)) and np.all(tr[..., 0] < 1.0)
+        # different weights after training: not the curves at initialization
+        assert not np.allclose(tr[0, :, 0], rel[:, 0])
     s = run.read_json("summary.json")
-    # the α at which each first exceeds 1 is a grid value, and the plain net's is not the larger
-    a_plain, a_bn = s["relative_loss"]["none"]["alpha_star_median"], s["relative_loss"]["bn"]["alpha_star_median"]
-    assert any(np.isclose(a_plain, alphas)) and (math.isnan(a_bn) or any(np.isclose(a_bn, alphas)))
-    assert math.isnan(a_bn) or a_plain <= a_bn
+    # the judged curve is the median over seeds x batches of the stored curves
+    for norm in ("bn", "none"):
+        med = median_curve(npz[f"rel_{norm}"].reshape(-1, len(alphas)))
+        assert np.allclose(med, s["relative_loss"][norm]["median"], equal_nan=True)
+    a_plain = first_exceeding(alphas, s["relative_loss"]["none"]["median"])
+    a_bn = first_exceeding(alphas, s["relative_loss"]["bn"]["median"])
+    assert any(np.isclose(a_plain, alphas)) and (math.isnan(a_bn) or a_plain <= a_bn)
 
 
-def test_divergence_sweep_covers_every_lr_and_both_nets(tiny_runs):
+def test_divergence_sweep_covers_every_lr_seed_and_both_nets(tiny_runs):
     run = tiny_runs["divergence"]
     s = run.read_json("summary.json")
     cfg = run.read_json("config.json")["config"]
     assert sorted(s["arms"]) == sorted(f"{n}@{lr:g}" for n in cfg["norms"] for lr in cfg["lrs"])
     for a in s["arms"].values():
-        assert a["diverged"] or 0.0 <= a["test_acc"] <= 1.0
+        assert a["seeds"] == list(cfg["seeds"]) and len(a["test_acc"]) == len(cfg["seeds"]) == len(a["diverged"])
+        for acc, div in zip(a["test_acc"], a["diverged"]):
+            assert div or 0.0 <= acc <= 1.0
+    assert s["sweep"]["bn"]["vectorized"] and s["sweep"]["none"]["vectorized"]
     recs = run.metrics()
-    steps = [r for r in recs if r.get("arm") == "bn@0.001" and r.get("event") is None]
-    assert [r["step"] for r in steps] == list(range(len(steps))) and len(steps) == s["arms"]["bn@0.001"]["steps"]
+    for seed in cfg["seeds"]:
+        steps = [r for r in recs if r.get("arm") == "bn@0.001" and r.get("seed") == seed and r.get("event") is None]
+        i = s["arms"]["bn@0.001"]["seeds"].index(seed)
+        assert [r["step"] for r in steps] == list(range(len(steps))) and len(steps) == s["arms"]["bn@0.001"]["steps"][i]
+    # the seeds are different initializations: different accuracies or losses
+    losses = {seed: [r["loss"] for r in recs if r.get("arm") == "bn@0.1" and r.get("seed") == seed and r.get("event") is None]
+              for seed in cfg["seeds"]}
+    assert losses[cfg["seeds"][0]][0] != losses[cfg["seeds"][1]][0]
+
+
+def test_divergence_noise_is_the_closed_form_of_its_own_trace_covariance(tiny_runs):
+    run = tiny_runs["divergence"]
+    nz = run.read_json("summary.json")["noise"]
+    n, bs, alphas = nz["n"], np.asarray(nz["batch_sizes"], float), np.asarray(nz["alphas"], float)
+    for norm in ("none", "bn"):
+        want = alphas[:, None] ** 2 * nz[norm]["trace_cov"] * ((n - bs) / (n - 1) / bs)[None, :]
+        assert np.allclose(nz[norm]["variance"], want, rtol=1e-10)
+        assert nz[norm]["fit"]["p_alpha"] == pytest.approx(2.0)
+    sb = nz["bn_sampled"]
+    assert len(sb["per_batch"]) == len(bs) and all(len(r) == sb["n_batches"] for r in sb["per_batch"])
+    assert np.allclose(np.asarray(sb["variance"]), alphas[:, None] ** 2 * np.asarray(sb["gradient_variance"])[None, :])
 
 
 def test_activations_init_statistics_and_output_gradients(tiny_runs):
@@ -122,6 +159,8 @@ def test_activations_init_statistics_and_output_gradients(tiny_runs):
     for norm in ("none", "bn"):
         assert np.all(a[f"init_{norm}_std"] > 0)
         assert np.all(a[f"init_{norm}_std_q10"] <= a[f"init_{norm}_std"] * (1 + 1e-9))
+        assert a[f"init_{norm}_std_seeds"].shape == (len(cfg["init_seeds"]), cfg["depth"])
+        assert np.allclose(a[f"init_{norm}_std_seeds"][0], a[f"init_{norm}_std"])
         g = a[f"grad_{norm}"]
         n = len(a["grad_labels"])
         assert g.shape == (n, 10)
@@ -129,8 +168,27 @@ def test_activations_init_statistics_and_output_gradients(tiny_runs):
         assert np.allclose(g.sum(1), 0.0, atol=1e-7)
         assert np.all(g[np.arange(n), a["grad_labels"]] < 0) and np.all(g[np.arange(n), a["grad_labels"]] >= -1.0 / n - 1e-7)
     s = run.read_json("summary.json")
-    assert 0 <= s["output_gradients_bn"]["ratio"] <= 1 and 0 <= s["output_gradients_none"]["ratio"] <= 1
+    for norm in ("none", "bn"):
+        assert all(0 <= og["ratio"] <= 1 for og in s[f"init_{norm}"]["output_gradients"])
+        assert len(s[f"init_{norm}"]["growth"]) == len(cfg["init_seeds"])
     assert s["sv_xavier"]["ratio_kmax"] > s["sv_xavier"]["ratio_k1"] > 1.0
+
+
+def test_activations_jacobian_and_cosine_along_the_residual_stream(tiny_runs):
+    run = tiny_runs["activations"]
+    a = run.load_arrays("activations.npz")
+    s = run.read_json("summary.json")
+    cfg = run.read_json("config.json")["config"]
+    n_blocks = (cfg["depth"] - 2) // 2
+    names = list(a["stream_layers"])
+    assert names[0] == "features.0" and names[-1] == "classifier" and len(names) == n_blocks + 2
+    for norm in ("none", "bn"):
+        r, c = a[f"jac_{norm}_ratio"], a[f"cos_{norm}"]
+        assert r.shape == c.shape == (len(cfg["init_seeds"]), len(names))
+        assert np.all(r >= 1.0) and np.all(np.abs(c) <= 1.0 + 1e-9)
+        rise = s[f"init_{norm}"]["cosine_rise"]
+        assert rise == pytest.approx(list(c[:, -2] - c[:, 1]))
+        assert [f["total"] for f in s[f"init_{norm}"]["jacobian_growth"]] == pytest.approx([fit_growth(v)["total"] for v in r])
 
 
 def test_activations_interpolation_endpoints_agree_with_the_training_run(tiny_runs):

@@ -148,7 +148,7 @@ def test_overrides_are_parsed_from_the_dataclass_types():
     ("nope=1", "unknown setting 'nope'; accepted: "),
     ("epochs=ten", "setting 'epochs' takes a float"),
     ("width=2.5", "setting 'width' takes an int"),
-    ("norms=bn", "setting 'norms' takes a tuple of str"),
+    ("norms=(1, 2)", "setting 'norms' takes a tuple of str"),
     ("epochs", "--set takes key=value"),
 ])
 def test_bad_overrides_are_one_line_errors(bad, msg, tmp_path, capsys):

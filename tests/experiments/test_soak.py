@@ -21,9 +21,9 @@ KILLS = int(os.environ.get("BNLAB_SOAK_KILLS", "20"))
 
 
 def _untimed(obj):
-    """``obj`` without wall-time fields (``seconds``, ``*_seconds``), which differ between any two runs."""
+    """``obj`` without wall-time fields (``seconds``, ``*_seconds``, ``timings``), which differ between any two runs."""
     if isinstance(obj, dict):
-        return {k: _untimed(v) for k, v in obj.items() if not (k == "seconds" or k.endswith("_seconds"))}
+        return {k: _untimed(v) for k, v in obj.items() if not (k in ("seconds", "timings") or k.endswith("_seconds"))}
     if isinstance(obj, list):
         return [_untimed(v) for v in obj]
     return obj

@@ -32,6 +32,7 @@ def _verdicts(run):
 
 def test_registered_with_profiles_and_documented_fields():
     assert isinstance(EXP, toy_exp.Toy) and [c.id for c in EXP.claims] == ["T1", "T2", "T3"]
+    assert [c.ref for c in EXP.claims] == ["T1", "T2", "T3"]  # the rows of CLAIMS.md
     assert set(EXP.profiles) == set(PROFILES) and EXP.profiles["quick"] == toy_exp.Config()
     assert EXP.profiles["tiny"].steps >= TH.agreement_min_steps  # the tiny run is long enough to judge T3
     for cls in (toy_exp.Config, toy_exp.Thresholds):
@@ -160,6 +161,11 @@ _CASES = [
     ("T3", {"float32": [0.0] + [5e-8] * 400}, "inconclusive"),  # no drift to explain
     ("T3", {"steps": 100, "float64": [0.0] * 101, "float32": [0.0] + [1e-4] * 100}, "inconclusive"),  # too short
 ]
+
+
+def test_every_claim_has_a_holds_a_fails_and_an_inconclusive_row():
+    seen = {c: {e for k, _, e in _CASES if k == c} for c in ("T1", "T2", "T3")}
+    assert all(v == {"holds", "fails", "inconclusive"} for v in seen.values()), seen
 
 
 @pytest.mark.parametrize("claim,changes,expected", _CASES)

@@ -295,3 +295,39 @@ def test_texp_boundary_factor_is_not_alpha_squared():
         sched.step()
         out.append((torch.cat([p.detach().reshape(-1) for p in ws]).clone(), 0))
     assert max_angle(ref, out) > 1e-6
+
+
+# ----------------------------------------------------------------------------- ExactExpLR (zero buffers)
+
+
+def run_exact(problem, *, phases, weight_decay, momentum, steps):
+    """SGD without weight decay + ExactExpLR from PyTorch's lazily created buffers (nothing preset)."""
+    from bnlab.schedules import ExactExpLR
+
+    ws = problem.params()
+    opt = torch.optim.SGD(ws, lr=phases[0][1], momentum=momentum)
+    sched = ExactExpLR(opt, lr_phases=phases, weight_decay=weight_decay, momentum=momentum, renorm_bound=4.0)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        problem.loss(ws).backward()
+        opt.step()
+        sched.step()
+        out.append((torch.cat([p.detach().reshape(-1) for p in ws]).clone(), sched.log2_scale))
+    return out
+
+
+@settings(max_examples=10, **SETTINGS)
+@given(
+    seed=st.integers(0, 2**16),
+    hp=hyperparameters(),
+    decay=st.sampled_from([1.0, 0.1, 0.5]),
+    boundary=st.integers(10, 70),
+)
+def test_exact_zero_buffer_schedule_follows_weight_decay(seed, hp, decay, boundary):
+    lr, wd, mom = hp
+    phases = [(0, lr)] if decay == 1.0 else [(0, lr), (boundary, lr * decay), (boundary + 25, lr * decay * decay)]
+    problem = RandomScaleInvariant(seed)
+    ref = run_texp(problem, phases=phases, weight_decay=wd, momentum=mom, steps=120, mode="wd")
+    got = run_exact(problem, phases=phases, weight_decay=wd, momentum=mom, steps=120)
+    assert max_angle(ref, got) <= 1e-9

@@ -276,3 +276,75 @@ def test_each_probe_restores_state_by_itself_without_the_monitor_guard():
         assert all(torch.equal(a, b) for a, b in zip(state0[1], now[1]))
         assert torch.equal(state0[2], now[2])
         assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
+
+
+# ----------------------------------------------------------------------------- Jacobian spectra and representation cosine
+def _hooked_output(model, name):
+    """x -> the output of module ``name`` for a batch of one (eval mode): the reference map."""
+    mod = dict(model.named_modules())[name]
+
+    def f(xi):
+        box = {}
+        h = mod.register_forward_hook(lambda m, a, o: box.__setitem__("o", o))
+        try:
+            model(xi[None])
+        finally:
+            h.remove()
+        return box["o"].reshape(-1)
+
+    return f
+
+
+@pytest.mark.parametrize("norm", ["none", "bn"])
+def test_jacobian_spectra_are_the_singular_values_of_autograds_jacobian(norm):
+    from bnlab.noise import frozen_norm_copy
+    from bnlab.probes.activations import jacobian_spectra
+
+    net = models.make("preresnet", norm=norm, in_shape=(1, 10), num_classes=3, width=2, depth=8, seed=1).double().train()
+    x = torch.randn(6, 1, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    frozen = frozen_norm_copy(net, x)
+    names = ["features.0", "features.2", "classifier"]
+    sv = jacobian_spectra(frozen, x[:3], names)
+    assert list(sv) == names
+    for name in names:
+        f = _hooked_output(frozen, name)
+        for i in range(3):
+            J = torch.autograd.functional.jacobian(f, x[i])  # (D_out, 1, 10)
+            ref = torch.linalg.svdvals(J.reshape(J.shape[0], -1))
+            got = sv[name][i]
+            assert got.shape == (min(10, J.shape[0]),)
+            assert torch.allclose(got, ref[: got.numel()], rtol=1e-9, atol=1e-12), name
+    # fewer directions: a restriction of J, whose singular values interlace with J's
+    part = jacobian_spectra(frozen, x[:3], names, directions=4, generator=torch.Generator().manual_seed(0))
+    assert part["classifier"].shape == (3, 3) and part["features.2"].shape == (3, 4)
+    assert torch.all(part["features.2"] <= sv["features.2"][:, :4] * (1 + 1e-9) + 1e-12)
+
+
+def test_jacobian_spectra_refuse_batch_statistics():
+    from bnlab.probes.activations import jacobian_spectra
+
+    net = models.make("preresnet", norm="bn", in_shape=(1, 10), num_classes=3, width=2, depth=8, seed=1).train()
+    with pytest.raises(UserError, match="frozen_norm_copy"):
+        jacobian_spectra(net, torch.randn(2, 1, 10), "block")
+    with pytest.raises(UserError):
+        jacobian_spectra(net.eval(), torch.randn(2, 1, 10), "block", directions=0)
+
+
+def test_representation_cosine_is_the_mean_over_pairs():
+    from bnlab.probes.activations import representation_cosine
+
+    net = models.make("preresnet", norm="bn", in_shape=(1, 10), num_classes=3, width=2, depth=8, seed=1).double().train()
+    x = torch.randn(5, 1, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    got = representation_cosine(net, x, ["features.1", "classifier"])
+    ref_net = copy.deepcopy(net)  # the same train-mode pass (batch statistics) on a copy
+    captured = {}
+    for n in got:
+        dict(ref_net.named_modules())[n].register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(n, o.detach()))
+    with torch.no_grad():
+        ref_net(x)
+    for name, val in got.items():
+        h = captured[name].reshape(5, -1)
+        cs = [float(F.cosine_similarity(h[i], h[j], dim=0)) for i in range(5) for j in range(5) if i != j]
+        assert val == pytest.approx(sum(cs) / len(cs), rel=1e-10)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from bnlab.data import ArrayData
-from bnlab.lockstep import Arm, PairTracker, joint_norm, lockstep
+from bnlab.lockstep import AngularUpdateTracker, Arm, PairTracker, joint_norm, lockstep
+from bnlab.scale import angle_between
 from bnlab.schedules import ExpLR, wd_equivalent_alpha
 from bnlab.train import train
 
@@ -133,3 +134,45 @@ def test_docstring_examples():
 
     for mod in (bnlab.lockstep, bnlab.numpy_bn):
         assert doctest.testmod(mod).failed == 0
+
+
+def test_angular_update_tracker_records_the_angle_of_each_step_per_tensor():
+    data = _data()
+    arm = _arm("a", _net(dtype=torch.float64), dtype=torch.float64)
+    twin = {"b": _arm("b", _net(dtype=torch.float64), dtype=torch.float64)}  # the same run alone, its weights kept at every step
+    names = list(arm.params)
+    tracker = AngularUpdateTracker({"a": arm}, ["a"], steps=5)
+    kept = {}
+    lockstep({"a": arm}, data, steps=5, batch_size=16, seed=2, hooks=[tracker])
+    lockstep(twin, data, steps=5, batch_size=16, seed=2,
+             hooks=[lambda t: kept.__setitem__(t, [p.detach().clone() for p in twin["b"].params.values()])])
+    upd = tracker.series["a"]["update"]
+    assert upd.shape == (len(names), 6) and list(tracker.series["a"]["names"]) == names
+    assert np.isnan(upd[:, 0]).all()
+    ref = [[angle_between(kept[t - 1][i], kept[t][i]) for t in range(1, 6)] for i in range(len(names))]
+    np.testing.assert_array_equal(upd[:, 1:], ref)  # NaN where undefined: the classifier's bias starts at 0
+    assert (upd[0, 1:] > 0).all()
+
+
+def test_angular_update_is_blind_to_a_power_of_two_rescaling_and_stops_with_the_arm():
+    data = _data()
+
+    def explr_arm(renormalize):
+        net = _net(dtype=torch.float64)
+        net[1].eps = 1e-30  # BN's eps breaks scale invariance (and so exact rescaling); 0 in effect
+        for n, p in net.named_parameters():
+            p.requires_grad_(n.startswith("0."))  # only the weight feeding BN is trained: scale-invariant
+        params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+        opt = torch.optim.SGD(params.values(), lr=0.5, momentum=0.9)
+        sched = ExpLR(opt, lr=0.5, weight_decay=0.005, momentum=0.9, renormalize=renormalize, renorm_bound=2.0)
+        return Arm("e", net, params, opt, sched, dtype=torch.float64, steps=30)
+
+    ups = []
+    for renormalize in (True, False):
+        arm = explr_arm(renormalize)
+        tracker = AngularUpdateTracker({"e": arm}, ["e"], steps=40)
+        lockstep({"e": arm}, data, steps=40, batch_size=16, hooks=[tracker])
+        assert (arm.scheduler.renormalizations > 0) == renormalize
+        ups.append(tracker.series["e"]["update"][0])
+    np.testing.assert_array_equal(ups[0], ups[1])  # rescaling by 2^k is exact and turns nothing
+    assert np.isfinite(ups[0][1:31]).all() and np.isnan(ups[0][31:]).all()  # the arm stopped after 30 steps

@@ -7,11 +7,14 @@ from torch import nn
 from bnlab import models
 from bnlab.errors import UserError
 from bnlab.models import MODELS, NORMS, make, norm_layers
+from bnlab.models.lp_norm import LpBatchNorm
 from bnlab.models.noisy import NoisyBatchNorm
 
 SHAPES = [(1, 8, 8), (1, 40), (3, 32, 32)]
-SMALL = {"mlp": dict(width=16, depth=2), "convnet": dict(width=4), "vgg": dict(width=4, depth=11), "preresnet": dict(width=4, depth=8)}
-NORM_TYPES = {"bn": (nn.BatchNorm1d, nn.BatchNorm2d), "ln": (nn.LayerNorm, nn.GroupNorm), "gn": (nn.GroupNorm,), "bn-noisy": (NoisyBatchNorm,)}
+SMALL = {"mlp": dict(width=16, depth=2), "convnet": dict(width=4), "vgg": dict(width=4, depth=11), "preresnet": dict(width=4, depth=8),
+         "dln": dict(width=8, depth=3)}  # models registered elsewhere (dln: by bnlab.models.linear) run with their defaults otherwise
+NORM_TYPES = {"bn": (nn.BatchNorm1d, nn.BatchNorm2d), "ln": (nn.LayerNorm, nn.GroupNorm), "gn": (nn.GroupNorm,), "bn-noisy": (NoisyBatchNorm,),
+              "l1": (LpBatchNorm,), "l2": (LpBatchNorm,), "linf": (LpBatchNorm,)}
 
 
 def _weighted(model):
@@ -24,7 +27,7 @@ def _weighted(model):
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_every_model_every_norm_forward_backward(name, norm, shape):
     torch.manual_seed(0)
-    net = make(name, norm=norm, in_shape=shape, num_classes=7, **SMALL[name])
+    net = make(name, norm=norm, in_shape=shape, num_classes=7, **SMALL.get(name, {}))
     x = torch.randn(6, *shape)
     out = net(x)
     assert out.shape == (6, 7) and torch.isfinite(out).all()
@@ -100,8 +103,8 @@ def test_seed_gives_same_init_and_leaves_global_rng_alone():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(name="resnet"), "unknown model 'resnet'; accepted: convnet, mlp, preresnet, vgg"),
-    (dict(name="convnet", norm="xn"), "unknown norm 'xn'; accepted: bn, bn-noisy, gn, ln, none"),
+    (dict(name="resnet"), "unknown model 'resnet'; accepted: convnet, (.+, )?mlp, preresnet, vgg"),
+    (dict(name="convnet", norm="xn"), "unknown norm 'xn'; accepted: bn, bn-noisy, gn, l1, l2, linf, ln, none"),
     (dict(name="convnet", colour=1), "no option 'colour'"),
     (dict(name="preresnet", depth=21), "6n\\+2"),
     (dict(name="vgg", depth=12), "depth must be one of"),

@@ -65,8 +65,8 @@ def test_cli_train_writes_a_complete_run(tmp_path, capsys):
     (["reproduce", "--only", "", "--profile", "tiny"], "bnlab: error: --only names no experiment; accepted: "),
     (["reproduce", "--only", ",", "--profile", "tiny"], "bnlab: error: --only names no experiment; accepted: "),
     (["train", "--data", "imagenet"], "bnlab: error: unknown dataset 'imagenet'; accepted: cifar10, digits, mnist1d, synthetic"),
-    (["train", "--model", "resnet"], "bnlab: error: unknown model 'resnet'; accepted: convnet, mlp, preresnet, vgg"),
-    (["train", "--norm", "wn"], "bnlab: error: unknown norm 'wn'; accepted: bn, bn-noisy, gn, ln, none"),
+    (["train", "--model", "resnet"], "bnlab: error: unknown model 'resnet'; accepted: convnet, dln, mlp, preresnet, vgg"),
+    (["train", "--norm", "wn"], "bnlab: error: unknown norm 'wn'; accepted: bn, bn-noisy, gn, l1, l2, linf, ln, none"),
     (["train", "--optimizer", "lbfgs"], "bnlab: error: unknown optimizer 'lbfgs'; accepted: adam, adamw, sgd"),
     (["train", "--device", "tpu"], "bnlab: error: unknown device 'tpu'; accepted: auto, cpu, cuda, cuda:N"),
     (["train", "--lr", "abc"], "bnlab train: error: argument --lr: invalid float value: 'abc'"),
@@ -103,7 +103,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
     exe = Path(sys.executable).with_name("bnlab")
     proc = subprocess.run([str(exe), "train", "--norm", "wn", "--out", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "bnlab: error: unknown norm 'wn'; accepted: bn, bn-noisy, gn, ln, none"
+    assert proc.stderr.strip() == "bnlab: error: unknown norm 'wn'; accepted: bn, bn-noisy, gn, l1, l2, linf, ln, none"
     assert "Traceback" not in proc.stderr
     help_ = subprocess.run([str(exe), "--help"], capture_output=True, text=True)
     assert help_.returncode == 0 and "train" in help_.stdout and "list" in help_.stdout

@@ -20,7 +20,7 @@ from bnlab.landscape import probe_model_along_gradient
 from bnlab.models.noisy import noisy_layers
 from bnlab.probes import (ActivationQuantiles, HessianQuadForm, InternalCovariateShift, LandscapeProbe, StepContext,
                           TopHessianEigenvalue)
-from bnlab.probes.accuracy import TrainModeAccuracy
+from bnlab.probes.accuracy import LOGITS_KEY, TrainModeAccuracy
 from bnlab.probes.ics import ics_layers, internal_covariate_shift
 from bnlab.probes.landscape import step_size_grid
 from bnlab.train import make_optimizer, train
@@ -261,6 +261,54 @@ def test_train_mode_accuracy_is_that_of_the_training_forward(norm):
     assert out == {"acc": float((seen[0].argmax(1) == batch[1]).double().mean())}
     assert 0.0 <= out["acc"] <= 1.0 and probe.name == "train_mode" and probe.cost == "standard"
     assert probe.after_backward(StepContext(step=0, model=net, optimizer=None)) == {}
+
+
+def test_train_mode_accuracy_reuses_the_forward_pass_of_activation_quantiles():
+    net, batch = _net("bn-noisy"), _batch(n=64)
+    loss = _backward(net, batch)
+    alone = TrainModeAccuracy(every=1).after_backward(_ctx(net, batch, loss))
+    ctx = _ctx(net, batch, loss)
+    ActivationQuantiles("features.5", every=1).after_backward(ctx)
+    assert LOGITS_KEY in ctx.scratch  # the replayed forward's logits, left for the next probe
+    calls = []
+    h = net.register_forward_hook(lambda m, a, o: calls.append(1))
+    shared = TrainModeAccuracy(every=1).after_backward(ctx)
+    h.remove()
+    assert shared == alone and not calls  # the same number, no second forward pass
+    # the logits in scratch are what it reads: a planted perfect prediction gives accuracy 1
+    planted = _ctx(net, batch, loss)
+    planted.scratch[LOGITS_KEY] = F.one_hot(batch[1], 5).float()
+    assert TrainModeAccuracy(every=1).after_backward(planted) == {"acc": 1.0}
+
+
+@pytest.mark.parametrize("norm", ["none", "bn"])
+def test_ics_of_a_deep_linear_network_equals_a_manual_recomputation(norm):
+    net = models.make("dln", norm=norm, in_shape=(1, 8, 8), num_classes=5, width=6, depth=5, seed=0)
+    batch = _batch()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05)
+    before = copy.deepcopy(net)
+    layers, group = ics_layers(net, batch[0])
+    assert len(layers) == 5
+    loss = _backward(net, batch)
+    grads_t = {n: p.grad.clone() for n, p in net.named_parameters()}
+    probe = InternalCovariateShift(every=1)
+    ctx = _ctx(net, batch, loss, opt)
+    probe.before_step(ctx)
+    probe.after_backward(ctx)
+    opt.step()
+    out = probe.after_step(ctx)
+    after = dict(net.named_parameters())
+    for i, layer in enumerate(layers[1:], start=1):
+        m = copy.deepcopy(before)
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if group[n] < i:
+                    p.copy_(after[n])
+        F.cross_entropy(m(batch[0]), batch[1]).backward()
+        g2 = dict(m.named_parameters())[f"{layer}.weight"].grad.double().flatten()
+        g1 = grads_t[f"{layer}.weight"].double().flatten()
+        assert out[f"{layer}/l2"] == pytest.approx(float((g1 - g2).norm()), rel=1e-4, abs=1e-7)
+        assert out[f"{layer}/cos"] == pytest.approx(float(g1 @ g2 / (g1.norm() * g2.norm())), abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- never change training

@@ -202,3 +202,24 @@ def test_simulate_and_toy_numbers_are_what_run_toy_reports(tmp_path):
     # the start basin's minimum is the local minimum the plain GD run stalls in
     assert nums["start_basin_min_loss"] == pytest.approx(nums["final_loss"]["no_wd"], abs=1e-12)
     assert nums["global_min_loss"] < nums["start_basin_min_loss"] - 0.3
+
+
+def test_direction_deviation_is_the_batched_angle_between_with_its_convention():
+    import math
+
+    import numpy as np
+    import torch
+
+    from bnlab.scale import angle_between
+    from bnlab.toy import direction_deviation
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(20, 2)), rng.normal(size=(20, 2))
+    a[3], b[3] = 0.0, 0.0  # both zero: 0
+    a[5] = 0.0  # one zero: undefined
+    b[7, 1] = np.inf
+    got = direction_deviation(a, b)
+    want = [angle_between(torch.tensor(x), torch.tensor(y)) for x, y in zip(a, b)]
+    for g, w in zip(got, want):
+        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w, abs=1e-15)
+    assert got[3] == 0.0 and math.isnan(got[5]) and math.isnan(got[7])

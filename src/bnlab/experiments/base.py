@@ -64,6 +64,13 @@ SOURCES: dict[str, dict[str, str]] = {
         "thesis": "With BatchNorm (a scale-invariant loss), weight decay is equivalent to an exponentially "
                   "growing learning rate without weight decay.",
     },
+    "Wan et al. 2020": {
+        "title": "Spherical Motion Dynamics: Learning Dynamics of Neural Network with Normalization, Weight Decay, "
+                 "and SGD",
+        "venue": "a follow-up result, beyond the four sources",
+        "thesis": "With weight decay, the angular update per step of a scale-invariant weight settles at an "
+                  "equilibrium √(2ηλ/(1+γ)).",
+    },
 }
 
 
@@ -272,11 +279,12 @@ def coerce(value: Any, tp, *, key: str = "value"):
                 pass
         raise TypeError(key)
     if origin in (tuple, list):
-        if isinstance(value, str) and value.strip():  # --set norms=bn,none
-            value = [_literal(v) for v in value.split(",") if v.strip()]
+        args = typing.get_args(tp)
+        if isinstance(value, str) and value.strip():  # --set norms=bn,none  or  lrs=0.1,1
+            parts = [v.strip() for v in value.split(",") if v.strip()]
+            value = parts if args and args[0] is str else [_literal(v) for v in parts]
         if not isinstance(value, (list, tuple)):
             raise TypeError(key)
-        args = typing.get_args(tp)
         elem = args[0] if args else Any
         return tuple(value if elem is Any else (coerce(v, elem, key=key) for v in value))
     if tp is bool:

@@ -65,23 +65,26 @@ def arm_records(recs: list[dict], arm: str) -> list[dict]:
     return [r for r in recs if r.get("arm") == arm and "event" not in r]
 
 
-def make_net(cfg: Any, norm: str, data: ArrayData) -> nn.Module:
+def make_net(cfg: Any, norm: str, data: ArrayData, *, seed: Optional[int] = None) -> nn.Module:
     """The experiment's model with normalization ``norm``, shaped for ``data``.
 
     ``cfg`` is any ``Config`` with ``model``, ``width``, ``depth`` and ``seed`` (``landscape``'s and
-    ``ics``'s): every arm starts from the same initialization.
+    ``ics``'s): every arm of one seed starts from the same initialization. ``seed`` overrides
+    ``cfg.seed`` (an experiment that repeats its arms over several seeds).
     """
     return models.make(cfg.model, norm=norm, in_shape=data.in_shape, num_classes=data.num_classes,
-                       width=cfg.width, depth=cfg.depth, seed=cfg.seed)
+                       width=cfg.width, depth=cfg.depth, seed=cfg.seed if seed is None else seed)
 
 
 def train_arm(cfg: Any, run: RunDir, ctx: Context, label: str, arm: str, net: nn.Module, lr: float,
-              tr: ArrayData, te: ArrayData, probes: Sequence = (), info: Optional[dict] = None) -> dict:
+              tr: ArrayData, te: ArrayData, probes: Sequence = (), info: Optional[dict] = None, *,
+              seed: Optional[int] = None, eval_every: Optional[int] = None, eval_train: bool = True) -> dict:
     """Train one arm of a Santurkar et al. experiment and record it in ``run``.
 
     SGD at ``lr`` with ``cfg.momentum`` and ``cfg.weight_decay``, ``cfg.steps`` steps of
-    ``cfg.batch_size`` examples of ``tr`` in the order of ``cfg.seed``, evaluated on ``te`` once
-    per epoch, with ``probes``. Every record goes to the run's metrics tagged ``"arm": arm``,
+    ``cfg.batch_size`` examples of ``tr`` in the order of ``cfg.seed`` (or ``seed``), evaluated on
+    ``te`` (and ``tr`` with ``eval_train``) once per epoch (or every ``eval_every`` steps) and at
+    the end, with ``probes``. Every record goes to the run's metrics tagged ``"arm": arm``,
     followed by an ``arm_end`` event with the arm's summary.
 
     Args:
@@ -95,13 +98,17 @@ def train_arm(cfg: Any, run: RunDir, ctx: Context, label: str, arm: str, net: nn
         tr, te: training and test data.
         probes: the probes of the run.
         info: stored with the arm's summary (e.g. ``{"norm": norm}``).
+        seed: the batch order's seed, overriding ``cfg.seed``.
+        eval_every: steps between evaluations (default: one epoch).
+        eval_train: evaluate on the training set too.
 
     Returns:
         :meth:`bnlab.train.History.summary` followed by ``info``.
     """
     opt = make_optimizer(net.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    h = train(net, tr, opt, steps=cfg.steps, batch_size=cfg.batch_size, eval_data=te, device=ctx.device, seed=cfg.seed,
-              probes=list(probes), log=lambda r: run.append_metrics({"arm": arm, **r}), progress=ctx.bar(f"{label} {arm}"))
+    h = train(net, tr, opt, steps=cfg.steps, batch_size=cfg.batch_size, eval_data=te, eval_every=eval_every,
+              eval_train=eval_train, device=ctx.device, seed=cfg.seed if seed is None else seed, probes=list(probes),
+              log=lambda r: run.append_metrics({"arm": arm, **r}), progress=ctx.bar(f"{label} {arm}"))
     final = {**h.summary(), **(info or {})}
     run.append_metrics({"event": "arm_end", "arm": arm, **final})
     return final

@@ -52,6 +52,7 @@ from ..analysis import first_index_over, fit_growth, nanmax
 from ..runs import RunDir
 from ..toy import TOY_LOSS, check_settings, draw_figures, gradient_residuals, simulate, toy_numbers
 from .base import Claim, Context, Experiment, fmt, register_experiment, verdict
+from .runner import applied_thresholds
 
 _SRC = "Li & Arora 2020"
 _ARRAYS = "toy.npz"
@@ -102,25 +103,33 @@ class Thresholds:
     """The numbers of ``toy``'s decision rules."""
 
     grad_tol: float = 1e-12
-    """T1 holds when both gradient residuals (float64) are at most this."""
+    """T1 holds when both gradient residuals (float64) are at most this: autograd's round-off is ~1e-16–1e-14 over
+    radii 1e-3–1e3, while a gradient with a radial part or the wrong 1/‖w‖ scaling is off by O(1)."""
     escape_margin: float = 0.1
-    """T2: a run has escaped when its loss is below the start basin's minimum loss minus this."""
+    """T2: a run has escaped when its loss is below the start basin's minimum loss minus this (a tenth of the ~0.3
+    gap between the local and the global minimum: clearly in the other basin, not noise)."""
     stall_factor: float = 3.0
-    """T2 is judged only if the no-WD run ran at least this many times the WD run's escape step."""
+    """T2 is judged only if the no-WD run ran at least this many times the WD run's escape step (given three times
+    as long, a run that could escape at the same pace would have)."""
     stall_max_step: float = 1e-4
-    """T2: the no-WD run has stalled when its last angular step (rad) is at most this."""
+    """T2: the no-WD run has stalled when its last angular step (rad) is at most this (the WD run moves 1e-2 to 0.75 rad
+    per step while escaping)."""
     deviation_tol: float = 1e-6
-    """T3: the two equivalent runs "deviate" when the angle between their directions exceeds this (rad)."""
+    """T3: the two equivalent runs "deviate" when the angle between their directions exceeds this (rad): ten times
+    float32's round-off (~6e-8), far above float64's."""
     float64_tol: float = 1e-9
-    """T3: the float64 pair agrees to round-off when its angle stays at most this (rad) at every step."""
+    """T3: the float64 pair agrees to round-off when its angle stays at most this (rad) at every step (float64
+    round-off amplified by the escape peaks near 5e-12, so 1e-9 leaves a 200x margin)."""
     agreement_min_steps: int = 150
-    """T3 is judged only on runs of at least this many steps (the escape, the amplifier, is at ~40)."""
+    """T3 is judged only on runs of at least this many steps (the escape, the amplifier, is at ~40: well past it)."""
     roundoff_steps: int = 10
-    """T3: the float32 round-off level is the largest deviation over steps 1 to this."""
+    """T3: the float32 round-off level is the largest deviation over steps 1 to this (before any amplification)."""
     roundoff_max: float = 1e-6
-    """T3: the float32 deviation starts at round-off when that level is at most this (rad)."""
+    """T3: the float32 deviation starts at round-off when that level is at most this (rad) (float32's round-off
+    over the first steps is ~7e-8, so a level 14x that is not round-off)."""
     min_amplification: float = 100.0
-    """T3: the float32 deviation is amplified when its peak is at least this many times its round-off level."""
+    """T3: the float32 deviation is amplified when its peak is at least this many times its round-off level (two
+    decades: growth by the dynamics, not accumulation of round-off, which would grow ~√t)."""
 
 
 def _rise(values, level: float) -> dict:
@@ -151,20 +160,20 @@ class Toy(Experiment):
         Claim("T1", "On a scale-invariant loss the gradient is orthogonal to w and shrinks as 1/‖w‖.", _SRC,
               "max |⟨∇L(w),w⟩|/(‖∇L‖‖w‖) and max ‖c∇L(cw) − ∇L(w)‖/‖∇L(w)‖ over a polar grid and several c "
               "(float64 autograd)",
-              "holds if both ≤ grad_tol"),
+              "holds if both ≤ grad_tol; inconclusive if the residuals are undefined (no grid point)", ref="T1"),
         Claim("T2", "GD without weight decay stalls in the local minimum; with weight decay it escapes.", _SRC,
               "loss of both runs against the step: the WD run's escape step, the no-WD run's lowest loss and last "
               "angular step",
               "inconclusive if the WD run never falls below the escape level or the run is shorter than "
               "stall_factor × its escape step; holds if the no-WD run never falls below it and its last angular "
-              "step ≤ stall_max_step"),
+              "step ≤ stall_max_step", ref="T2"),
         Claim("T3", "The drift between the two equivalent runs (weight decay vs exponential LR) is round-off "
               "amplified by the dynamics, not an error.", _SRC,
               "angle between the directions of the two runs per step, float64 and float32: float64 maximum, "
               "float32 round-off level, departure step, amplification and growth per step",
               "inconclusive if fewer than agreement_min_steps steps or float32 never deviates > deviation_tol; "
               "holds if float64 ≤ float64_tol at every step, float32 starts ≤ roundoff_max and is amplified "
-              "≥ min_amplification times"),
+              "≥ min_amplification times", ref="T3"),
     )
     Config = Config
     Thresholds = Thresholds
@@ -284,9 +293,7 @@ class Toy(Experiment):
     def figures(self, run: RunDir) -> list[Path]:
         cfg = run.read_json("config.json")["config"]
         a = run.load_arrays(_ARRAYS)
-        tol = Thresholds().deviation_tol
-        if (run.path / "verdicts.json").exists():  # the tolerance the verdicts applied (rejudge may change it)
-            tol = run.read_json("verdicts.json").get("thresholds", {}).get("deviation_tol", tol)
+        tol = applied_thresholds(self, run).deviation_tol  # the tolerance the verdicts applied
         sim = {
             "alpha": run.read_json("summary.json")["alpha"],
             "runs": {k: a[k] for k in ("no_wd", "wd", "exp_lr")},

@@ -116,5 +116,6 @@ def norm_layers(model: nn.Module) -> list[nn.Module]:
 
 from . import convnets as _convnets  # noqa: E402,F401  (registers the models)
 from . import noisy as _noisy  # noqa: E402,F401  (registers the bn-noisy norm)
+from . import linear as _linear  # noqa: E402,F401  (registers the dln model)
 
 __all__ = ["MODELS", "NORMS", "make", "register_model", "register_norm", "make_norm", "norm_layers", "kaiming_init", "freeze_classifier", "has_bias_before", "is_norm_layer"]

@@ -18,14 +18,13 @@ measurement; the limit can be raised with ``--max-memory`` or ``BNLAB_MAX_MEMORY
 
 from __future__ import annotations
 
-import math
+import contextlib
 import os
 import re
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch import nn
 
 from ..errors import UserError
 
@@ -51,12 +50,39 @@ class MemoryEstimate:
         return self.element_size * (4 * self.parameters + 2 * self.batch_size * self.activations_per_example)
 
 
+@contextlib.contextmanager
+def _no_init():
+    """Skip ``torch.nn.init``'s fills while building on the meta device: there is no storage to fill,
+    and the meta path of some initializers (``kaiming_normal_``) costs about a second to set up."""
+    import torch.nn.init as init
+
+    names = [n for n in dir(init) if n.endswith("_") and not n.startswith("_") and callable(getattr(init, n))]
+    saved = {n: getattr(init, n) for n in names}
+    try:
+        for n in names:
+            setattr(init, n, lambda tensor, *a, **k: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
+
+
+#: below this many parameters the activations are counted with a real forward pass on the CPU (fast);
+#: above it on the meta device (no storage, but its first use imports ~1.5 s of PyTorch machinery)
+_CPU_COUNT_PARAMS = 4_000_000
+
+
 def _count(name: str, in_shape, num_classes: int, norm: str, batch: int, options: dict) -> tuple[int, int]:
     from . import make
 
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = make(name, norm=norm, in_shape=in_shape, num_classes=num_classes, **options)
     params = sum(p.numel() for p in model.parameters())
+    device = "meta"
+    if params <= _CPU_COUNT_PARAMS:
+        with _no_init():  # uninitialized weights: the values are never looked at, only the shapes
+            model = make(name, norm=norm, in_shape=in_shape, num_classes=num_classes, **options)
+        device = "cpu"
     acts = 0
 
     def hook(module, inputs, output):
@@ -66,8 +92,8 @@ def _count(name: str, in_shape, num_classes: int, norm: str, batch: int, options
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
-        with torch.no_grad():
-            model(torch.empty(batch, *in_shape, device="meta"))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            model(torch.zeros(batch, *in_shape, device=device))
     except (RuntimeError, NotImplementedError, TypeError):
         acts = -1  # a layer without a meta kernel: activations unknown
     finally:

@@ -1,4 +1,4 @@
-"""The one registry of normalization layers, chosen by name: ``none | bn | ln | gn`` (open to more).
+"""The one registry of normalization layers, chosen by name: ``none | bn | ln | gn | l1 | l2 | linf`` (open to more).
 
 A factory takes ``(num_channels, *, spatial_dims, affine)`` where ``spatial_dims`` is 0 for the
 features of a linear layer ``(N, C)``, 1 for ``(N, C, L)`` and 2 for ``(N, C, H, W)``.
@@ -7,6 +7,10 @@ features of a linear layer ``(N, C)``, 1 for ``(N, C, L)`` and 2 for ``(N, C, H,
 * ``ln``: LayerNorm over all features of one example: ``nn.LayerNorm(C)`` on ``(N, C)``;
   ``GroupNorm(1, C)`` on feature maps (normalizes over C and space, per-channel affine).
 * ``gn``: GroupNorm with groups of about 4 channels, at most 32 groups.
+* ``l1``, ``l2``, ``linf``: BatchNorm with the standard deviation replaced by the average ℓ1, ℓ2,
+  ℓ∞ norm of the centred batch activations of each channel (Santurkar et al. 2018, sec. 3.3;
+  :mod:`bnlab.models.lp_norm`).
+* ``bn-noisy``: BatchNorm followed by per-step noise (:mod:`bnlab.models.noisy`).
 * ``none``: ``nn.Identity``; layers before it keep their bias.
 """
 
@@ -82,3 +86,6 @@ def _num_groups(c: int) -> int:
 @register_norm("gn")
 def _gn(num_channels: int, *, spatial_dims: int, affine: bool = True) -> nn.Module:
     return nn.GroupNorm(_num_groups(num_channels), num_channels, affine=affine)
+
+
+from . import lp_norm as _lp_norm  # noqa: E402,F401  (registers l1, l2, linf; imports register_norm from here)

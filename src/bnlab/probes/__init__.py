@@ -9,6 +9,7 @@ ScaleInvariantStats        cheap       per scale-invariant group: ‖w‖, ‖g�
 ActivationStats            cheap       per layer (and channel): mean, std, largest magnitude
 IntrinsicGradNorm          cheap       ‖∇̃L‖² = Σ_i ‖w_i‖²‖∇_{w_i}L‖² + ‖∇_g L‖² (standard with a fixed objective)
 TrainModeAccuracy          standard    accuracy of the step's batch in training mode at w_t
+ScaleLemma                 standard    |⟨∇L(w),w⟩|/(‖∇L‖‖w‖) and ‖c∇L(cw) − ∇L(w)‖/‖∇L‖ per scale-invariant tensor
 OutputGradients            standard    ∂ℓ_i/∂logits and |Σ_i ∂ℓ_i| against Σ_i |∂ℓ_i|
 UpdateInterpolation        standard    activation statistics along w + sΔw, s in [0, 1]
 LandscapeProbe             standard    loss band, gradient-predictiveness band, β-smoothness
@@ -23,12 +24,13 @@ that builds it for a given model; one test over the registry checks that no prob
 """
 
 from .accuracy import TrainModeAccuracy
-from .activations import ActivationStats, OutputGradients, UpdateInterpolation, activation_stats, gradient_alignment, output_gradients
+from .activations import (ActivationStats, OutputGradients, UpdateInterpolation, activation_stats, gradient_alignment,
+                          jacobian_spectra, output_gradients, representation_cosine)
 from .base import COST_CLASSES, Probe, StepContext, every_n, log_spaced
 from .basic import GradNorm, LearningRate, WeightNorm
 from .curvature import HessianQuadForm, TopHessianEigenvalue
 from .ics import ActivationQuantiles, InternalCovariateShift
-from .intrinsic import IntrinsicGradNorm
+from .intrinsic import IntrinsicGradNorm, ScaleLemma, scale_lemma_residuals
 from .landscape import LandscapeProbe
 from .scale import ScaleInvariantStats
 from .registry import PROBES, ProbeEntry, make_probe, register_probe
@@ -37,6 +39,7 @@ __all__ = [
     "COST_CLASSES", "Probe", "StepContext", "every_n", "log_spaced",
     "GradNorm", "LearningRate", "WeightNorm", "ScaleInvariantStats",
     "ActivationStats", "OutputGradients", "UpdateInterpolation", "activation_stats", "gradient_alignment", "output_gradients",
+    "jacobian_spectra", "representation_cosine",
     "LandscapeProbe", "HessianQuadForm", "TopHessianEigenvalue", "InternalCovariateShift", "ActivationQuantiles",
-    "IntrinsicGradNorm", "TrainModeAccuracy", "PROBES", "ProbeEntry", "make_probe", "register_probe",
+    "IntrinsicGradNorm", "ScaleLemma", "scale_lemma_residuals", "TrainModeAccuracy", "PROBES", "ProbeEntry", "make_probe", "register_probe",
 ]

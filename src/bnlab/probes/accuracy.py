@@ -17,7 +17,13 @@ import torch
 from ..functional import stateless_call
 from .base import Probe, StepContext
 
-__all__ = ["TrainModeAccuracy"]
+__all__ = ["TrainModeAccuracy", "LOGITS_KEY"]
+
+#: The key under which a probe that replays the step's training-mode forward pass at ``w_t`` (at
+#: ``after_backward``) leaves the logits in :attr:`StepContext.scratch`, for the next such probe of the
+#: same step to reuse instead of running the same forward pass again
+#: (:class:`bnlab.probes.ActivationQuantiles` does).
+LOGITS_KEY = "train_mode_logits"
 
 
 class TrainModeAccuracy(Probe):
@@ -26,7 +32,10 @@ class TrainModeAccuracy(Probe):
     At ``after_backward`` (before the optimizer step) the step's forward pass is replayed on its
     batch with :func:`bnlab.functional.stateless_call`: the model, its buffers, ``.grad`` and the
     RNG are left exactly as they were. Records ``"acc"``: the fraction of the batch whose
-    largest logit is the label (a classifier's output of shape ``(N, classes)``).
+    largest logit is the label (a classifier's output of shape ``(N, classes)``). When a probe
+    listed before it has already replayed that forward pass in this step (the logits under
+    :data:`LOGITS_KEY` in the step's ``scratch``), those logits are used: the same numbers, one
+    forward pass fewer.
 
     Args:
         every: steps to measure at (an int ``n``: every ``n``-th step).
@@ -48,6 +57,9 @@ class TrainModeAccuracy(Probe):
         if ctx.batch is None:
             return {}
         x, y = ctx.batch
-        with torch.no_grad():
-            z = stateless_call(ctx.model, x)
+        z = ctx.scratch.get(LOGITS_KEY)
+        if z is None:
+            with torch.no_grad():
+                z = stateless_call(ctx.model, x)
+            ctx.scratch[LOGITS_KEY] = z
         return {"acc": float((z.argmax(1) == y).double().mean())}

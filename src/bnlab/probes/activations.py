@@ -11,6 +11,11 @@ Three probes and the functions they are thin adapters over:
 * :class:`UpdateInterpolation` (standard): activation statistics and the batch loss along the
   segment ``w_t + s Δw``, ``s ∈ [0, 1]``, of one optimizer step ``Δw = w_{t+1} - w_t``.
 
+Two functions measure the network's input-output map against depth (Bjorck et al.'s
+explanation: products of random layers): :func:`jacobian_spectra`, the singular values of the
+Jacobian ``∂h_ℓ(x)/∂x`` of each selected layer's output with respect to the input, per example;
+and :func:`representation_cosine`, the mean pairwise cosine of the examples' representations.
+
 **Channel statistics.** For a layer output ``h`` of shape ``(N, C, *spatial)`` (or ``(N, C)``), per
 channel ``c``, over the ``N`` examples and all spatial positions::
 
@@ -63,6 +68,8 @@ __all__ = [
     "activation_stats",
     "output_gradients",
     "gradient_alignment",
+    "jacobian_spectra",
+    "representation_cosine",
     "ActivationStats",
     "OutputGradients",
     "UpdateInterpolation",
@@ -285,6 +292,146 @@ def gradient_alignment(g: torch.Tensor) -> dict[str, float]:
     s = u.sum(0)
     row_cos = float((s @ s - (u * u).sum()) / (n * (n - 1))) if n > 1 else float("nan")
     return {"abs_sum": abs_sum, "sum_abs": sum_abs, "ratio": abs_sum / sum_abs if sum_abs > 0 else float("nan"), "row_cos": row_cos}
+
+
+def _batch_dependent_norms(model: nn.Module) -> list[str]:
+    """Names of the train-mode batch normalization layers (their output couples the examples)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and (m.training or not m.track_running_stats)]
+
+
+def jacobian_spectra(model: nn.Module, x: torch.Tensor, layers: LayerSpec = None, *, directions: Optional[int] = None,
+                     generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
+    """Singular values of the input-output Jacobian of each selected layer, per example.
+
+    For example ``x_i`` (``D`` input numbers) and a layer with output ``h_ℓ`` (``D_ℓ`` numbers per
+    example), ``J_ℓ(x_i) = ∂h_ℓ(x_i)/∂x_i`` (``D_ℓ x D``) is computed by forward-mode automatic
+    differentiation along ``k`` orthonormal input directions ``Q`` (``D x k``): ``J_ℓ Q``, all
+    layers in one forward pass of the ``N·k`` dual inputs. With ``k = D`` (the default) ``Q = I``
+    and the singular values are exactly those of ``J_ℓ``; with ``directions < D`` ``Q`` is random
+    (``generator``) and the values are those of ``J_ℓ`` restricted to ``span Q`` (they interlace
+    with ``J_ℓ``'s: a proxy for large inputs).
+
+    Bjorck et al.'s argument: without normalization the Jacobian of a deep network is a product
+    of random matrices, whose largest singular value pulls away from the rest with depth (the
+    ratio largest / mean grows), so every input is mapped close to one direction.
+
+    The model runs in its current mode through :func:`bnlab.functional.stateless_call` (model,
+    buffers and RNG untouched); each example must be processed on its own, so a train-mode
+    BatchNorm (which normalizes with the batch's statistics, coupling the examples) is refused:
+    freeze it first with :func:`bnlab.noise.frozen_norm_copy` (the statistics of a batch held
+    fixed, the per-example map a train-mode pass on that batch computes).
+
+    Args:
+        model: the network.
+        x: inputs ``(N, ...)``.
+        layers: the layer set (module docstring).
+        directions: ``k``, the number of input directions (default: all ``D``).
+        generator: draws ``Q`` when ``k < D``.
+
+    Returns:
+        ``{layer name: [N, min(k, D_ℓ)] float64 singular values, descending}`` in forward order.
+
+    Raises:
+        UserError: a batch-dependent normalization layer in train mode, or ``directions < 1``.
+
+    Example:
+        >>> sv = jacobian_spectra(frozen_norm_copy(net, x), x[:8], "block")
+        >>> {name: float((s[:, 0] / s.mean(1)).mean()) for name, s in sv.items()}   # largest / mean, per layer
+    """
+    import torch.autograd.forward_ad as fwAD
+
+    bad = _batch_dependent_norms(model)
+    if bad:
+        raise UserError(f"jacobian_spectra: {bad[0]!r} normalizes with batch statistics, which couple the examples; "
+                        "use bnlab.noise.frozen_norm_copy(model, x) first")
+    n, d = x.shape[0], x[0].numel()
+    k = d if directions is None else int(directions)
+    if k < 1:
+        raise UserError(f"directions must be >= 1, got {directions}")
+    k = min(k, d)
+    dtype = x.dtype
+    if k == d:
+        q = torch.eye(d, dtype=dtype, device=x.device)
+    else:
+        g = torch.randn(d, k, generator=generator, dtype=torch.float64)
+        q = torch.linalg.qr(g).Q.to(dtype=dtype, device=x.device)
+    primal = x.repeat_interleave(k, dim=0)  # example i's copies are rows i*k .. i*k + k - 1
+    tangent = q.T.reshape(1, k, d).expand(n, k, d).reshape(n * k, *x.shape[1:]).contiguous()
+    chosen = select_layers(model, layers)
+    out: dict[str, torch.Tensor] = {}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            o = output[0] if isinstance(output, (tuple, list)) and output else output
+            if not isinstance(o, torch.Tensor):
+                return None
+            t = fwAD.unpack_dual(o).tangent
+            if t is None:
+                return None
+            key, j = name, 0
+            while key in out:
+                j += 1
+                key = f"{name}#{j}"
+            out[key] = t.detach().reshape(n, k, -1)
+            return None
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(nm)) for nm, m in chosen]
+    try:
+        with torch.no_grad(), fwAD.dual_level():
+            stateless_call(model, fwAD.make_dual(primal, tangent))
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: torch.linalg.svdvals(t.to(torch.float64).cpu()) for name, t in out.items()}
+
+
+@torch.no_grad()
+def representation_cosine(model: nn.Module, x: torch.Tensor, layers: LayerSpec = None) -> dict[str, float]:
+    """Mean pairwise cosine similarity of the examples' representations at each selected layer.
+
+    For a layer output ``h`` (``N`` examples, each flattened to a vector ``h_i``)::
+
+        cos_ℓ = (1 / (N (N − 1))) Σ_{i ≠ j} ⟨h_i, h_j⟩ / (‖h_i‖ ‖h_j‖)
+
+    1 when every input is mapped to the same direction (the network cannot tell its inputs
+    apart), about 0 for unrelated representations. One forward pass in the model's current mode
+    (a train-mode BatchNorm normalizes with the statistics of ``x``), through
+    :func:`bnlab.functional.stateless_call`.
+
+    Returns:
+        ``{layer name: cos_ℓ}`` in forward order (NaN for a layer whose outputs are all zero).
+    """
+    chosen = select_layers(model, layers)
+    out: dict[str, float] = {}
+
+    def hook_for(name):
+        def hook(module, args, output):
+            o = output[0] if isinstance(output, (tuple, list)) and output else output
+            if not isinstance(o, torch.Tensor) or o.dim() == 0:
+                return None
+            h = o.detach().reshape(o.shape[0], -1).to(torch.float64)
+            nrm = h.norm(dim=1, keepdim=True)
+            u = h / nrm.clamp_min(1e-300)
+            m = h.shape[0]
+            s = u.sum(0)
+            val = float((s @ s - (u * u).sum()) / (m * (m - 1))) if m > 1 and bool((nrm > 0).all()) else float("nan")
+            key, j = name, 0
+            while key in out:
+                j += 1
+                key = f"{name}#{j}"
+            out[key] = val
+            return None
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(nm)) for nm, m in chosen]
+    try:
+        stateless_call(model, x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out
 
 
 def _flat(stats: LayerStats, per_channel: bool) -> dict[str, float]:

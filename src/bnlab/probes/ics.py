@@ -40,6 +40,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..functional import stateless_call
+from .accuracy import LOGITS_KEY
 from .base import Probe, StepContext
 
 __all__ = ["InternalCovariateShift", "ActivationQuantiles", "ics_layers", "internal_covariate_shift"]
@@ -222,7 +223,9 @@ class ActivationQuantiles(Probe):
     examples and positions.
     Records ``"<c>/q<p>"`` for each quantile ``p`` (in percent), ``"<c>/mean"`` and ``"<c>/std"``
     for each channel ``c`` of ``channels``. The data of Santurkar et al.'s figure 2 (the
-    distribution of one layer's activations over training).
+    distribution of one layer's activations over training). The replayed forward's logits are left
+    in the step's ``scratch`` under :data:`bnlab.probes.accuracy.LOGITS_KEY` (a
+    :class:`~bnlab.probes.accuracy.TrainModeAccuracy` listed after it reuses them).
 
     Args:
         layer: module name (as in ``model.named_modules()``).
@@ -257,9 +260,10 @@ class ActivationQuantiles(Probe):
         h = mods[self.layer].register_forward_hook(lambda m, a, out: seen.append(out.detach()) if not seen else None)
         try:
             with torch.no_grad():
-                stateless_call(model, ctx.batch[0])
+                logits = stateless_call(model, ctx.batch[0])
         finally:
             h.remove()
+        ctx.scratch.setdefault(LOGITS_KEY, logits)  # the replayed forward's output, for TrainModeAccuracy
         out = seen[0]
         flat = (out[:, None] if out.dim() == 1 else out).transpose(0, 1).reshape(out.shape[1], -1).double()  # (C, N * positions)
         chans = self.channels if self.channels is not None else range(flat.shape[0])

@@ -8,22 +8,28 @@ gradient at ``w_i/‖w_i‖`` is ``‖w_i‖ ∇_{w_i} L``, and its squared norm
 
     ‖∇̃L(θ)‖² = Σ_i ‖w_i‖² ‖∇_{w_i} L(θ)‖²  +  Σ_j ‖∇_{g_j} L(θ)‖².
 
+The same module checks the lemma behind it, ``⟨∇L(w), w⟩ = 0`` and ``∇L(c w) = ∇L(w)/c``, at
+given weights (:func:`scale_lemma_residuals`) and during training (:class:`ScaleLemma`).
+
 Reference:
     Arora, Li, Lyu, *Theoretical Analysis of Auto Rate-Tuning by Batch Normalization* (ICLR 2019),
-    Sec. 2-3 (the convergence theorems bound ``min_{t<T} ‖∇̃L(θ_t)‖``).
+    Lemma 2.4 and Sec. 2-3 (the convergence theorems bound ``min_{t<T} ‖∇̃L(θ_t)‖``).
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence
+import math
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn  # noqa: F401  (used in the doctest)
 
+from ..errors import UserError
 from ..functional import stateless_call
 from .base import Probe, StepContext
 
-__all__ = ["IntrinsicGradNorm"]
+__all__ = ["IntrinsicGradNorm", "ScaleLemma", "scale_lemma_residuals"]
 
 
 class IntrinsicGradNorm(Probe):
@@ -101,3 +107,119 @@ class IntrinsicGradNorm(Probe):
                         a.add_(g.to(torch.float64))
         n = len(self.si)
         return self._norms(acc[:n], acc[n:])
+
+
+# ----------------------------------------------------------------------------- the scale-invariance lemma
+
+
+def scale_lemma_residuals(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+                          params: Mapping[str, torch.Tensor], *, scales: Sequence[float] = (0.1, 10.0),
+                          loss_fn: Callable = F.cross_entropy) -> dict[str, tuple[float, float]]:
+    """The two residuals of the scale-invariance lemma for each tensor ``w`` of ``params``.
+
+    For a scale-invariant ``w`` (``L(c w) = L(w)`` for every ``c > 0``, all other parameters
+    fixed) Arora, Li, Lyu (2019, Lemma 2.4) give ``⟨∇_w L(w), w⟩ = 0`` and
+    ``∇_w L(c w) = ∇_w L(w) / c``. This returns, per tensor, the relative residuals::
+
+        orth  = |⟨∇_w L(θ), w⟩| / (‖∇_w L(θ)‖ ‖w‖)
+        homog = max_{c in scales} ‖c ∇_w L(θ with w -> c w) − ∇_w L(θ)‖ / ‖∇_w L(θ)‖
+
+    (in float64 from the model's own dtype; ``nan`` where ``∇_w L = 0``). Each is zero for a
+    scale-invariant tensor up to round-off and BatchNorm's ``eps`` (``~eps/Var`` with PyTorch's 1e-5),
+    and of order one for a tensor that is not. The loss is evaluated on ``batch`` in the model's
+    mode through :func:`bnlab.functional.stateless_call`: the model, its buffers and the RNG are
+    left exactly as they were. Cost: ``1 + len(params) · len(scales)`` forward/backward passes.
+
+    Args:
+        model: the network.
+        batch: ``(x, y)``.
+        params: ``{key: parameter}``: tensors of ``model`` (matched by identity); the keys name the result.
+        scales: the factors ``c`` (positive).
+        loss_fn: ``loss_fn(logits, y) -> scalar``.
+
+    Returns:
+        ``{key: (orth, homog)}``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 3, bias=False), nn.BatchNorm1d(3, eps=1e-30), nn.Linear(3, 2)).double()
+        >>> x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 2, (8,))
+        >>> orth, homog = scale_lemma_residuals(net, (x, y), {"w": net[0].weight})["w"]
+        >>> orth < 1e-12 and homog < 1e-12
+        True
+    """
+    if any(not (c > 0) for c in scales):
+        raise UserError(f"scale_lemma_residuals: scales must be positive, got {list(scales)}")
+    live = dict(model.named_parameters())
+    by_id = {id(p): n for n, p in live.items()}
+    missing = [k for k, p in params.items() if id(p) not in by_id]
+    if missing:
+        raise UserError(f"scale_lemma_residuals: {missing} are not parameters of the model")
+    x, y = batch
+    keys = list(params)
+    names = [by_id[id(params[k])] for k in keys]
+    out: dict[str, tuple[float, float]] = {}
+    with torch.enable_grad():
+        base = {n: p.detach().requires_grad_(n in names) for n, p in live.items()}
+        loss = loss_fn(stateless_call(model, x, params=base), y)
+        grads = torch.autograd.grad(loss, [base[n] for n in names])
+        for key, n, g in zip(keys, names, grads):
+            w = base[n].detach()
+            g64, w64 = g.detach().to(torch.float64), w.to(torch.float64)
+            gn, wn = float(g64.norm()), float(w64.norm())
+            orth = abs(float(torch.sum(g64 * w64))) / (gn * wn) if gn > 0 and wn > 0 else math.nan
+            homog = 0.0 if gn > 0 else math.nan
+            for c in scales:
+                scaled = {m: t.detach() for m, t in base.items()}
+                scaled[n] = (c * w).requires_grad_(True)
+                (gc,) = torch.autograd.grad(loss_fn(stateless_call(model, x, params=scaled), y), scaled[n])
+                if gn > 0:
+                    homog = max(homog, float((c * gc.detach().to(torch.float64) - g64).norm()) / gn)
+            out[key] = (orth, homog)
+    return out
+
+
+class ScaleLemma(Probe):
+    """Residuals of the scale-invariance lemma at ``w_t`` on the step's batch (cost: standard).
+
+    Records, at ``before_step`` (the weights are ``w_t``; ``.grad`` is not touched), for each tensor
+    ``w_i`` of ``params`` the two relative residuals of :func:`scale_lemma_residuals` and their
+    largest value over the tensors::
+
+        <key>/orth_residual    |⟨∇L(w), w⟩| / (‖∇L(w)‖ ‖w‖)
+        <key>/homog_residual   max_c ‖c ∇L(c w) − ∇L(w)‖ / ‖∇L(w)‖
+        all/orth_residual, all/homog_residual   the largest over the tensors (NaN ignored)
+
+    Args:
+        params: ``{key: parameter}``, e.g. the scale-invariant groups (may be empty: nothing is recorded).
+        scales: the factors ``c`` of the second residual.
+        every: schedule (``step -> bool``) or interval.
+        name: metric prefix.
+
+    Reference:
+        Arora, Li, Lyu, *Theoretical Analysis of Auto Rate-Tuning by Batch Normalization* (ICLR 2019), Lemma 2.4.
+    """
+
+    cost = "standard"
+
+    def __init__(self, params: Mapping[str, torch.Tensor], *, scales: Sequence[float] = (0.1, 10.0), every=1,
+                 name: str = "lemma"):
+        super().__init__(every)
+        if "all" in params:
+            raise UserError("ScaleLemma: 'all' is reserved for the largest residual; rename that tensor")
+        self.name = name
+        self.params = dict(params)
+        self.scales = tuple(float(c) for c in scales)
+
+    def before_step(self, ctx: StepContext) -> dict | None:
+        if not self.params or ctx.batch is None:
+            return None
+        res = scale_lemma_residuals(ctx.model, ctx.batch, self.params, scales=self.scales,
+                                    loss_fn=ctx.loss_fn or F.cross_entropy)
+        out: dict = {}
+        for key, (orth, homog) in res.items():
+            out[f"{key}/orth_residual"] = orth
+            out[f"{key}/homog_residual"] = homog
+        for kind, i in (("orth", 0), ("homog", 1)):
+            vals = [v[i] for v in res.values() if math.isfinite(v[i])]
+            out[f"all/{kind}_residual"] = max(vals) if vals else math.nan
+        return out

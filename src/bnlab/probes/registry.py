@@ -99,13 +99,26 @@ def _intrinsic(objective: bool):
     return build
 
 
+def _scale_lemma(model, batch, loss_fn, every):
+    """The per-channel scale-invariant tensors :func:`bnlab.scale.find_scale_invariant` confirms; in a
+    net with none, every weight matrix or filter bank (its residuals then measure how far it is from
+    invariance)."""
+    from ..scale import find_scale_invariant
+    from .intrinsic import ScaleLemma
+
+    si = {g.param_name: g.param for g in find_scale_invariant(model, batch, loss_fn) if g.per_channel}
+    if not si:
+        si = {n: p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2}
+    return ScaleLemma(si, every=every)
+
+
 def _register_builtin() -> None:
     from .activations import ActivationStats, OutputGradients, UpdateInterpolation
     from .basic import GradNorm, LearningRate, WeightNorm
     from .curvature import HessianQuadForm, TopHessianEigenvalue
     from .accuracy import TrainModeAccuracy
     from .ics import ActivationQuantiles, InternalCovariateShift
-    from .intrinsic import IntrinsicGradNorm
+    from .intrinsic import IntrinsicGradNorm, ScaleLemma
     from .landscape import LandscapeProbe
     from .scale import ScaleInvariantStats
 
@@ -127,6 +140,8 @@ def _register_builtin() -> None:
     register_probe("intrinsic-grad-norm-objective", IntrinsicGradNorm,
                    "the same, of a fixed finite-sum objective (here: the batch in two parts)", _intrinsic(True),
                    cost="standard")
+    register_probe("scale-lemma", ScaleLemma,
+                   "|⟨∇L(w), w⟩|/(‖∇L‖‖w‖) and ‖c∇L(cw) − ∇L(w)‖/‖∇L‖ per scale-invariant tensor", _scale_lemma)
     register_probe("train-mode-accuracy", TrainModeAccuracy, "accuracy of the step's batch in training mode at w_t")
     register_probe("hessian-quad-form", HessianQuadForm, "gᵀHg / ‖g‖²")
     register_probe("top-hessian-eigenvalue", TopHessianEigenvalue, "λ_max by Lanczos over Hessian-vector products",

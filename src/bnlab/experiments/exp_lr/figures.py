@@ -9,7 +9,7 @@ import numpy as np
 from ...plotting import STYLE, save, smooth
 from ...runs import RunDir
 from ...schedules import wd_equivalent_alpha
-from .config import A_PAIRS, B_ARMS, LABELS, SERIES_FILE, Thresholds, decay_phases
+from .config import B_ARMS, LABELS, SERIES_FILE, a_pairs, decay_phases
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -17,20 +17,23 @@ _COLORS = {
     "wd": "#1f77b4", "exp": "#ff7f0e", "exp_nopreset": "#7f7f7f", "sd": "#2ca02c", "texp": "#d62728",
     "std_wd": "#17becf", "std_exp": "#e377c2",
     "exact": "#ff7f0e", "ablation": "#7f7f7f", "float32": "#9467bd", "bn_eps": "#8c564b", "standard": "#e377c2",
-    "conv": "#bcbd22",
+    "conv": "#bcbd22", "zero_buffer": "#000000", "zero_buffer_sd": "#2ca02c", "norm_gn": "#1f77b4", "norm_ln": "#17becf",
 }
+_EXTRA_COLORS = ("#bcbd22", "#8c564b", "#9467bd", "#7f7f7f")
 
 
 def figures(run: RunDir) -> list:
-    """The six figures of an ``exp-lr`` run; the tolerance line is the one the verdicts applied."""
+    """The seven figures of an ``exp-lr`` run; the tolerance lines and windows are the ones the verdicts applied."""
     cfg = run.read_json("config.json")["config"]
     S = run.load_arrays(SERIES_FILE)
     recs = run.metrics()
-    try:
-        equiv_tol = float(run.read_json("verdicts.json")["thresholds"]["equiv_tol"])
-    except (OSError, ValueError, KeyError, TypeError):
-        equiv_tol = Thresholds().equiv_tol
+    from ..runner import applied_thresholds
+    from . import ExpLRExperiment
+
+    th = applied_thresholds(ExpLRExperiment(), run)
+    equiv_tol, window = th.equiv_tol, th.w1_window
     return [
+        _fig_angular(cfg, S, run.figure_path("angular_update.png"), window),
         _fig_learning_curves(cfg, S, recs, run.figure_path("learning_curves.png")),
         _fig_angles(cfg, S, recs, run.figure_path("angle_between_runs.png"), equiv_tol),
         _fig_norms(cfg, S, run.figure_path("weight_norm.png")),
@@ -107,20 +110,21 @@ def _fig_angles(cfg, S, recs, path, equiv_tol: float):
 
     T = cfg["equiv_steps"]
     x = np.arange(T + 1)
-    pairs = [p for p in A_PAIRS if f"A.pair.{p}.angle" in S]
+    all_pairs = a_pairs(cfg.get("other_norms", ()))
+    pairs = [p for p in all_pairs if f"A.pair.{p}.angle" in S]
     with plt.rc_context(STYLE):
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.0))
         for p in pairs:
-            c = _COLORS["texp"] if p == "texp" else _COLORS[p]
+            c = _COLORS["texp"] if p == "texp" else _COLORS.get(p, _EXTRA_COLORS[pairs.index(p) % len(_EXTRA_COLORS)])
             lw = 1.8 if p == "exact" else 1.1
-            ax1.plot(x, _floor(S[f"A.pair.{p}.angle"]), color=c, lw=lw, label=A_PAIRS[p][2])
+            ax1.plot(x, _floor(S[f"A.pair.{p}.angle"]), color=c, lw=lw, label=all_pairs[p][2])
             if p == "exact":
                 for i, n in enumerate(S[f"A.pair.{p}.names"]):
                     ax1.plot(x, _floor(S[f"A.pair.{p}.per"][i]), color=c, lw=0.5, alpha=0.5,
                              label="  same, per tensor" if i == 0 else None)
             od = S[f"A.pair.{p}.outdiff"]
             ok = np.isfinite(od)
-            ax2.plot(x[ok], _floor(od[ok]), color=c, lw=lw, label=A_PAIRS[p][2])
+            ax2.plot(x[ok], _floor(od[ok]), color=c, lw=lw, label=all_pairs[p][2])
             ev = [(r["step"], r["eval_output_diff"]) for r in recs
                   if r.get("event") == "eval_outdiff" and r.get("group") == "A" and r.get("pair") == p]
             if ev and p in ("exact", "texp"):
@@ -289,4 +293,36 @@ def _fig_overflow(cfg, S, recs, path):
         fig.suptitle(f"ExpLR in float32 on a tiny BN net: lr {cfg['lr']}, momentum {cfg['momentum']}, λ "
                      f"{cfg['overflow_weight_decay']} (LR ×{alpha ** -2:.4f} per step), renorm bound {cfg['renorm_bound']:g}",
                      fontsize=9)
+        return save(fig, path)
+
+
+def _fig_angular(cfg, S, path, window: float):
+    """W1: the angular update per step of each trained tensor (moving average) against √(2ηλ/(1+γ))."""
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in ("w1", "wd") if f"A.angular.{a}.update" in S]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, max(1, len(arms)), figsize=(6 * max(1, len(arms)), 4), squeeze=False)
+        for ax, a in zip(axes[0], arms):
+            lam = cfg["w1_weight_decay"] if a == "w1" else cfg["weight_decay"]
+            pred = math.sqrt(2 * cfg["lr"] * lam / (1 + cfg["momentum"]))
+            upd = S[f"A.angular.{a}.update"]
+            names = [str(n) for n in S[f"A.angular.{a}.names"]]
+            T = upd.shape[1] - 1
+            x = np.arange(T + 1)
+            for i, n in enumerate(names):
+                v = upd[i]
+                ok = np.isfinite(v)
+                rms = np.sqrt(smooth(v**2, max(1, T // 40)))
+                ax.plot(x[ok], v[ok], lw=0.4, alpha=0.25, color=f"C{i}")
+                ax.plot(x[ok], rms[ok], lw=1.4, color=f"C{i}", label=f"{n} (moving RMS)")
+            ax.axhline(pred, color="k", lw=1.0, ls="--", label=f"√(2ηλ/(1+γ)) = {pred:.3g}")
+            start = max(1, T + 1 - int(round(window * T)))
+            ax.axvspan(start, T, color="#cccccc", alpha=0.3, lw=0, label=f"window (last {window:.0%})")
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_ylabel("angular update ∠(w_t, w_t+1) (rad)")
+            ax.set_title(f"{LABELS[a]}: λ {lam}, lr {cfg['lr']}, momentum {cfg['momentum']}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle("Spherical motion equilibrium (Wan et al. 2020), float64, fully scale-invariant BN net", fontsize=9)
         return save(fig, path)

@@ -17,13 +17,13 @@ from ... import data as data_mod
 from ... import models
 from ...analysis import nanmax
 from ...functional import stateless_call
-from ...lockstep import Arm, PairTracker, lockstep
+from ...lockstep import AngularUpdateTracker, Arm, PairTracker, lockstep
 from ...numpy_bn import TinyBNNet
 from ...runs import RunDir
-from ...schedules import TEXP, ExpLR, step_decay_lr, wd_equivalent_alpha
+from ...schedules import TEXP, ExactExpLR, ExpLR, step_decay_lr, wd_equivalent_alpha
 from ...train import evaluate
 from ..base import Context
-from .config import A_ARMS, A_PAIRS, B_ARMS, B_PAIRS, MAIN_PAIRS, SERIES_FILE, Config, decay_phases
+from .config import ANGULAR_ARMS, B_ARMS, B_PAIRS, MAIN_PAIRS, SERIES_FILE, Config, a_arms, a_pairs, decay_phases
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 #: The steps at which part A's angles are quoted in the summary.
@@ -33,37 +33,45 @@ _ANGLE_AT = (1, 10, 100, 300, 1000)
 # ----------------------------------------------------------------------------- building arms
 
 
-def _set_bn_eps(model: nn.Module, eps: float) -> None:
+def _set_norm_eps(model: nn.Module, eps: float) -> None:
+    """Set the ``eps`` of every normalization layer (BatchNorm, GroupNorm, LayerNorm) of ``model``."""
     for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
             m.eps = float(eps)
 
 
 def _make_arm(name: str, cfg: Config, tr, *, net: str, schedule: str, dtype, eps, width: int, seed: int,
               steps: int, device) -> Arm:
-    """An arm of ``cfg.model`` (``net``: ``si`` fully scale-invariant, ``std`` standard) trained with
-    ``schedule``: ``wd`` (constant LR + WD), ``sd`` (step decay + WD), ``exp`` (ExpLR), ``texp``
-    (TEXP) or ``exp_nopreset`` (ExpLR with its momentum-buffer preset removed)."""
+    """An arm of ``cfg.model`` (``net``: ``si`` fully scale-invariant BN net, ``si_<norm>`` the same with
+    another norm layer, ``std`` standard BN net) trained with ``schedule``: ``wd`` (constant LR + WD),
+    ``sd`` (step decay + WD), ``exp`` (ExpLR), ``texp`` (TEXP), ``exp_nopreset`` (ExpLR with its
+    momentum-buffer preset removed), ``zb_exp``/``zb_texp`` (:class:`ExactExpLR` from PyTorch's lazily
+    created buffers, constant LR / step decay) or ``w1`` (constant LR + WD with ``cfg.w1_weight_decay``)."""
     standard = net == "std"
-    model = models.make(cfg.model, norm="bn", in_shape=tr.in_shape, num_classes=tr.num_classes, affine=standard,
+    norm = net[3:] if net.startswith("si_") else "bn"
+    model = models.make(cfg.model, norm=norm, in_shape=tr.in_shape, num_classes=tr.num_classes, affine=standard,
                         freeze_last=not standard, seed=seed, width=width, depth=cfg.depth)
     if eps is not None:
-        _set_bn_eps(model, eps)
+        _set_norm_eps(model, eps)
     model.to(device=device, dtype=dtype)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     lr, wd, mom = float(cfg.lr), float(cfg.weight_decay), float(cfg.momentum)
     sched, lr_fn = None, None
-    if schedule in ("wd", "sd"):
-        opt = torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=wd)
+    phases = decay_phases(cfg.lr, cfg.decay_at, cfg.decay_factor, steps)
+    if schedule in ("wd", "sd", "w1"):
+        opt = torch.optim.SGD(params, lr=lr, momentum=mom, weight_decay=float(cfg.w1_weight_decay) if schedule == "w1" else wd)
         if schedule == "sd":
-            phases = decay_phases(cfg.lr, cfg.decay_at, cfg.decay_factor, steps)
             lr_fn = lambda t, phases=phases: step_decay_lr(t, lr_phases=phases)  # noqa: E731
     else:
         opt = torch.optim.SGD(params, lr=lr, momentum=mom)
         kw = dict(weight_decay=wd, momentum=mom, renormalize=not standard, renorm_bound=float(cfg.renorm_bound))
         if schedule == "texp":
-            sched = TEXP(opt, lr_phases=decay_phases(cfg.lr, cfg.decay_at, cfg.decay_factor, steps), **kw)
+            sched = TEXP(opt, lr_phases=phases, **kw)
+        elif schedule == "zb_exp":
+            sched = ExactExpLR(opt, lr=lr, **kw)
+        elif schedule == "zb_texp":
+            sched = ExactExpLR(opt, lr_phases=phases, **kw)
         else:
             sched = ExpLR(opt, lr=lr, **kw)
         if schedule == "exp_nopreset":
@@ -132,12 +140,13 @@ def _eval_hook(arms: dict[str, Arm], tracker: PairTracker, *, every: int, eval_s
 
 def _run_group(arms: dict[str, Arm], pairs: dict[str, tuple], data, *, steps: int, batch_size: int, seed: int,
                fixed_x: torch.Tensor, eval_every: int, eval_sets: dict, eval_pairs: bool, eval_train: bool,
-               log: Callable, group: str, progress) -> tuple[dict[str, np.ndarray], dict, dict]:
+               log: Callable, group: str, progress, angular=()) -> tuple[dict[str, np.ndarray], dict, dict]:
     """Step ``arms`` in lockstep, comparing ``pairs`` (``{pair: (arm a, arm b, output_every)}``).
 
     Returns ``(series, finals, eval_diffs)``: ``series`` keyed ``{group}.arm.{arm}.{key}`` (with
     ``diverged_at``, -1 if not) and ``{group}.pair.{pair}.{key}`` (``angle``, ``outdiff``, ``per``,
-    ``names``, + ``conv`` for a standard net: its conv/linear weights jointly), ``finals`` the last
+    ``names``, + ``conv`` for a standard net: its conv/linear weights jointly) and, for the arms in
+    ``angular``, ``{group}.angular.{arm}.update``/``names`` (:class:`AngularUpdateTracker`), ``finals`` the last
     evaluation record of every arm that reached it, ``eval_diffs`` the eval-mode output
     differences per pair.
     """
@@ -148,7 +157,11 @@ def _run_group(arms: dict[str, Arm], pairs: dict[str, tuple], data, *, steps: in
     eval_diffs: dict = {}
     hook = _eval_hook(arms, tracker, every=eval_every, eval_sets=eval_sets, eval_pairs=eval_pairs,
                       eval_train=eval_train, log=log, group=group, finals=finals, eval_diffs=eval_diffs)
-    lockstep(arms, data, steps=steps, batch_size=batch_size, seed=seed, hooks=[tracker, hook], progress=progress)
+    hooks = [tracker, hook]
+    ang = AngularUpdateTracker(arms, [a for a in angular if a in arms], steps=steps)
+    if ang.names:
+        hooks.append(ang)
+    lockstep(arms, data, steps=steps, batch_size=batch_size, seed=seed, hooks=hooks, progress=progress)
     out: dict[str, np.ndarray] = {}
     for name, arm in arms.items():
         for k, v in arm.series.items():
@@ -157,6 +170,9 @@ def _run_group(arms: dict[str, Arm], pairs: dict[str, tuple], data, *, steps: in
     for pname, d in tracker.series.items():
         for k, v in d.items():
             out[f"{group}.pair.{pname}.{k}"] = v
+    for aname, d in ang.series.items():
+        for k, v in d.items():
+            out[f"{group}.angular.{aname}.{k}"] = v
     return out, finals, eval_diffs
 
 
@@ -288,33 +304,38 @@ def measure(cfg: Config, run: RunDir, ctx: Context, name: str = "exp-lr") -> dic
     t0 = time.perf_counter()
     T = cfg.equiv_steps
     side = min(int(cfg.side_steps), T)
-    pairs_a = {p: (a, b, int(cfg.output_every) if p in MAIN_PAIRS else int(cfg.side_output_every))
-               for p, (a, b, _) in A_PAIRS.items() if p in MAIN_PAIRS or side > 0}
+    all_arms, all_pairs = a_arms(cfg.other_norms), a_pairs(cfg.other_norms)
+    main_pairs = MAIN_PAIRS + tuple(f"norm_{n}" for n in cfg.other_norms)
+    pairs_a = {p: (a, b, int(cfg.output_every) if p in main_pairs else int(cfg.side_output_every))
+               for p, (a, b, _) in all_pairs.items() if p in main_pairs or side > 0}
     arms_a = {}
-    for n in dict.fromkeys(x for a, b, _ in pairs_a.values() for x in (a, b)):
-        net, sch, dtype, eps = A_ARMS[n]
-        main = any(n in (a, b) for p, (a, b, _) in pairs_a.items() if p in MAIN_PAIRS)
+    for n in [*dict.fromkeys(x for a, b, _ in pairs_a.values() for x in (a, b)), "w1"]:
+        net, sch, dtype, eps = all_arms[n]
+        main = n == "w1" or any(n in (a, b) for p, (a, b, _) in pairs_a.items() if p in main_pairs)
         arms_a[n] = _make_arm(n, cfg, tr, net=net, schedule=sch, dtype=dtype,
                               eps=cfg.exact_bn_eps if eps == "exact" else None, width=cfg.width,
                               seed=cfg.seed, steps=T if main else side, device=dev)
     summary["joint_invariance_error"] = _joint_invariance_error(arms_a["wd"], fixed_x)
+    summary["norm_invariance_error"] = {n: _joint_invariance_error(arms_a[f"{n}_wd"], fixed_x) for n in cfg.other_norms}
     if "std_wd" in arms_a:
         summary["standard_net_invariance_error"] = _joint_invariance_error(arms_a["std_wd"], fixed_x)
     eval_sets_a = {dt: (None, te.to(dtype=dt)) for dt in (torch.float64, torch.float32)}  # test set only
     ser_a, finals_a, eod = _run_group(arms_a, pairs_a, tr, steps=T, batch_size=cfg.equiv_batch_size, seed=cfg.seed,
                                       fixed_x=fixed_x, eval_every=cfg.equiv_eval_every, eval_sets=eval_sets_a,
                                       eval_pairs=True, eval_train=False, log=log, group="A",
-                                      progress=ctx.bar(f"{name} A (equivalence)"))
+                                      progress=ctx.bar(f"{name} A (equivalence)"), angular=ANGULAR_ARMS)
     series.update(ser_a)
     timing["A_equivalence"] = round(time.perf_counter() - t0, 2)
-    summary["equivalence"] = eq = {"steps": T, "side_steps": side, "pairs": {}}
+    summary["equivalence"] = eq = {"steps": T, "side_steps": side, "other_norms": list(cfg.other_norms),
+                                   "decay_phases": [list(x) for x in decay_phases(cfg.lr, cfg.decay_at, cfg.decay_factor, T)],
+                                   "pairs": {}}
     for p in pairs_a:
         n_p = min(arms_a[pairs_a[p][0]].steps, arms_a[pairs_a[p][1]].steps)
         ang, od = series[f"A.pair.{p}.angle"][: n_p + 1], series[f"A.pair.{p}.outdiff"][: n_p + 1]
         per = series[f"A.pair.{p}.per"]
         names = [str(s) for s in series[f"A.pair.{p}.names"]]
         eq["pairs"][p] = {
-            "what": A_PAIRS[p][2], "steps": n_p, "angle": [float(v) for v in ang],
+            "what": all_pairs[p][2], "steps": n_p, "angle": [float(v) for v in ang],
             "max_angle": nanmax(ang), "final_angle": float(ang[-1]),
             "angle_at": {str(s): float(ang[s]) for s in _ANGLE_AT if s <= n_p},
             "max_angle_per_param": {n: nanmax(per[i]) for i, n in enumerate(names)},
@@ -331,6 +352,12 @@ def measure(cfg: Config, run: RunDir, ctx: Context, name: str = "exp-lr") -> dic
     eq["diverged"] = {n: a.diverged_at for n, a in arms_a.items() if a.diverged_at is not None}
     eq["final_norms"] = {n: float(series[f"A.arm.{n}.norm"][a.steps]) for n, a in arms_a.items()}
     eq["renormalizations"] = {n: a.scheduler.renormalizations for n, a in arms_a.items() if a.scheduler is not None}
+    summary["angular_update"] = {
+        n: {"lr": lr, "momentum": mom, "weight_decay": float(cfg.w1_weight_decay) if n == "w1" else wd,
+            "steps": arms_a[n].steps, "diverged_at": arms_a[n].diverged_at,
+            "update": {str(k): [float(v) for v in series[f"A.angular.{n}.update"][i]]
+                       for i, k in enumerate(series[f"A.angular.{n}.names"])}}
+        for n in ANGULAR_ARMS if f"A.angular.{n}.update" in series}
     del arms_a
 
     # ---------------- part B: accuracy over seeds
