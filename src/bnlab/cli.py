@@ -294,6 +294,13 @@ def _cmd_settings(args) -> int:
 def _cmd_report(args) -> int:
     from .report import build
 
+    if args.output is not None:  # a file to write, in a directory that exists
+        out = Path(args.output)
+        if not args.output.strip() or out.is_dir():
+            raise UserError(f"--output must name a file to write (e.g. report.html), got {args.output!r}")
+        if not out.parent.is_dir():
+            raise UserError(f"--output {args.output}: the directory {out.parent} does not exist")
+
     path = build(args.runs_dir, args.output)
     print(f"report: {path.resolve()}")
     return 0

@@ -132,6 +132,7 @@ def sandbox(tmp_path_factory):
 @example(argv=["rejudge", "missing", "--set", "a.b=1"])
 @example(argv=["report", "a-file"])
 @example(argv=["train", "--out", "a-file"])
+@example(argv=["report", "out", "--output", ""])  # found by this test: a traceback (EBUSY renaming onto '.')
 def test_every_command_line_exits_0_or_2_without_traceback_and_writes_only_under_out(sandbox, argv):
     root, cwd = sandbox
     before = _snapshot(root)
