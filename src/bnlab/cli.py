@@ -260,7 +260,7 @@ def _cmd_rejudge(args) -> int:
     t0 = time.perf_counter()
     if not Path(args.runs_dir).is_dir():
         raise UserError(f"no such runs directory: {args.runs_dir}")
-    with output_lock(args.runs_dir):
+    with output_lock(args.runs_dir, cleanup=False):
         report, rows = rejudge(args.runs_dir, args.overrides)
     print(format_table(rows))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("holds", "fails", "inconclusive")}
@@ -330,6 +330,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     _set_threads(args)
+    try:
+        if getattr(args, "max_memory", None) is not None:
+            from .models.memory import parse_size
+
+            parse_size(args.max_memory)  # a bad size: one line before anything runs
+    except UserError as e:
+        print(f"bnlab: error: {e}", file=sys.stderr)
+        return 2
     handler = {"list": _cmd_list, "train": _cmd_train, "run": _cmd_run, "reproduce": _cmd_reproduce, "demo": _cmd_reproduce,
                "report": _cmd_report, "rejudge": _cmd_rejudge, "settings": _cmd_settings, "toy": _cmd_toy}[args.command]
     try:

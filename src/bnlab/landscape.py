@@ -283,7 +283,7 @@ def probe_along_gradient(
         grad_norm=grad_norm,
         losses=losses,
         grad_diff_norms=diffs,
-        loss_band=_band(torch.cat([torch.tensor([loss0], dtype=torch.float64), losses])),
+        loss_band=_band(torch.cat([torch.tensor([loss0], dtype=torch.float64, device=losses.device), losses])),
         grad_band=_band(diffs),
         beta_eff=beta,
         vectorized=vectorized,

@@ -76,11 +76,15 @@ def check_output_root(root: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(root: str | Path) -> Iterator[None]:
+def output_lock(root: str | Path, *, cleanup: bool = True) -> Iterator[None]:
     """Hold ``<root>/.bnlab.lock`` for the duration: a second bnlab on the same ``--out`` refuses.
 
     The lock is an ``flock`` on the file, released by the kernel when the process ends (even by
     SIGKILL), so a killed run never leaves a stale lock. The refusal names the other process.
+    With ``cleanup``, runs left unfinished by a killed process are removed
+    (:func:`remove_unfinished`). A lock file in a directory this call created, with nothing else
+    written, is removed again while still held (a process that then locks the removed file notices
+    and takes the new one).
     """
     import fcntl
 
@@ -88,45 +92,73 @@ def output_lock(root: str | Path) -> Iterator[None]:
     created = _missing_ancestors(root)
     root.mkdir(parents=True, exist_ok=True)
     path = root / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    for _ in range(20):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                os.close(fd)
                 raise
             try:
                 other = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
             except OSError:
                 other = "unknown"
+            os.close(fd)
             raise UserError(f"another bnlab process ({other}) is using --out {root}; wait for it to finish "
                             f"or choose another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino  # not a lock file removed meanwhile
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    else:  # pragma: no cover - twenty removals in a row
+        raise UserError(f"could not lock --out {root}: its lock file keeps being replaced")
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, {' '.join(sys.argv[:3])}".encode(), 0)
-        for p in remove_unfinished(root):
-            print(f"bnlab: note: removed {p}, an unfinished run left by an interrupted process", file=sys.stderr)
+        if cleanup:
+            for p in remove_unfinished(root):
+                print(f"bnlab: note: removed {p}, an unfinished run left by an interrupted process", file=sys.stderr)
         yield
     finally:
-        os.close(fd)  # releases the lock
-        if created and [q.name for q in root.iterdir()] == [LOCK]:  # nothing else written: leave no trace
-            with contextlib.suppress(OSError):
-                path.unlink()
-                for q in reversed(created):
-                    q.rmdir()
+        try:
+            if created and [q.name for q in root.iterdir()] == [LOCK]:  # nothing else written: leave no trace
+                with contextlib.suppress(OSError):
+                    path.unlink()  # still holding the lock: a waiter re-checks the inode and retries
+                    for q in reversed(created):
+                        q.rmdir()
+        finally:
+            os.close(fd)  # releases the lock
 
 
 _RUN_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{12}(-\d+)?")  # the names RunDir.create gives (time stamp, hash, -k)
 
 
 def remove_unfinished(root: str | Path) -> list[Path]:
-    """Delete the run directories under ``root`` that were never finished (no ``complete`` marker),
-    e.g. left by a process killed with SIGKILL; return them. Call only while holding
-    :func:`output_lock`, so that no live process is writing them."""
+    """Delete the run directories under ``root`` that bnlab started but never finished (no
+    ``complete`` marker), e.g. left by a process killed with SIGKILL; return them. Only
+    ``<root>/<name>/<run id>/`` directories that are empty or hold the ``config.json`` bnlab writes
+    first (with its ``config_hash``) are touched, so nothing a user put there is removed. Call only
+    while holding :func:`output_lock`, so that no live bnlab process is writing them."""
     removed = []
     root = Path(root)
     for exp_dir in (p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
         for p in exp_dir.iterdir():
-            if p.is_dir() and not p.is_symlink() and _RUN_ID.fullmatch(p.name) and not (p / COMPLETE).exists():
+            if not (p.is_dir() and not p.is_symlink() and _RUN_ID.fullmatch(p.name) and not (p / COMPLETE).exists()):
+                continue
+            if not any(p.iterdir()):
+                with contextlib.suppress(OSError):
+                    p.rmdir()
+                    removed.append(p)
+                continue
+            try:
+                ours = "config_hash" in json.loads((p / "config.json").read_text(encoding="utf-8"))
+            except (OSError, ValueError, TypeError, AttributeError):
+                ours = False
+            if ours:
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed
@@ -156,6 +188,15 @@ def unreadable_reason(run_path: str | Path) -> Optional[str]:
             return f"{name} does not hold what bnlab wrote"
         if name == "verdicts.json" and not (isinstance(obj, dict) and isinstance(obj.get("verdicts"), list)):
             return "verdicts.json does not hold verdicts"
+    for f in sorted(p.glob("*.npz")):
+        try:
+            import numpy as np
+
+            with np.load(f, allow_pickle=False) as z:
+                for key in z.files:
+                    z[key]
+        except Exception as e:  # noqa: BLE001 - a damaged archive can raise anything zipfile/numpy has
+            return f"{f.name} cannot be read ({type(e).__name__})"
     m = p / "metrics.jsonl"
     try:
         with open(m, "rb") as fh:

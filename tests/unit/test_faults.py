@@ -274,3 +274,41 @@ def test_the_memory_limit_can_be_overridden(monkeypatch):
     with pytest.raises(Exception, match="more than the 2 KiB available"):
         check_fits("mlp", in_shape=(1, 8, 8), num_classes=10, width=8, depth=2)
     assert check_fits("mlp", in_shape=(1, 8, 8), num_classes=10, width=8, depth=2, max_memory="1G").parameters > 0
+
+
+def test_cleanup_removes_only_unfinished_runs_bnlab_started(tmp_path):
+    from bnlab.runs import remove_unfinished
+
+    out = tmp_path / "runs"
+    ours = out / "large-lr" / "20240101-120000-abcdef012345"
+    ours.mkdir(parents=True)
+    (ours / "config.json").write_text(json.dumps({"name": "large-lr", "config_hash": "abcdef012345", "config": {}}))
+    empty = out / "large-lr" / "20240101-120001-abcdef012345"
+    empty.mkdir()
+    user = out / "photos" / "20240101-120000-abcdef012345"  # looks like a run id, but is not bnlab's
+    user.mkdir(parents=True)
+    (user / "img.txt").write_text("keep me")
+    with output_lock(out):
+        pass
+    assert not ours.exists() and not empty.exists()
+    assert (user / "img.txt").read_text() == "keep me"
+    assert remove_unfinished(out) == []
+
+
+def test_a_damaged_array_file_makes_the_run_unreadable(reference_run, tmp_path):
+    import shutil
+
+    import numpy as np
+
+    copy = tmp_path / "run"
+    shutil.copytree(reference_run.path, copy)
+    np.savez_compressed(copy / "extra.npz", a=np.arange(1000))
+    assert unreadable_reason(copy) is None
+    (copy / "extra.npz").write_bytes((copy / "extra.npz").read_bytes()[:100])
+    assert "extra.npz" in unreadable_reason(copy)
+
+
+def test_a_bad_max_memory_is_one_line_even_where_no_model_is_checked(tmp_path, capsys):
+    assert main(["run", "toy", "--profile", "tiny", "--max-memory", "abc", "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, "is not a size")
+    assert not (tmp_path / "r").exists()

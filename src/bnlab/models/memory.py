@@ -134,7 +134,8 @@ def estimate(name: str, *, in_shape, num_classes: int, norm: str = "bn", batch_s
     return MemoryEstimate(params, acts, int(batch_size), torch.empty(0, dtype=dtype).element_size())
 
 
-def _parse_bytes(text: str) -> int:
+def parse_size(text: str) -> int:
+    """Bytes from a size such as ``512M``, ``16G``, ``2T`` or a plain number (binary units)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)i?[bB]?\s*", str(text))
     if not m:
         raise UserError(f"memory limit {text!r} is not a size; accepted: e.g. 512M, 16G, 2T or a number of bytes")
@@ -146,7 +147,7 @@ def memory_limit(device: str | torch.device = "cpu", override: Optional[str] = N
     device's memory (physical RAM on the CPU, the GPU's total memory on CUDA)."""
     text = override if override is not None else os.environ.get("BNLAB_MAX_MEMORY")
     if text:
-        return _parse_bytes(text)
+        return parse_size(text)
     dev = torch.device(device)
     if dev.type == "cuda" and torch.cuda.is_available():
         return int(torch.cuda.get_device_properties(dev).total_memory)
@@ -185,4 +186,4 @@ def check_fits(name: str, *, in_shape, num_classes: int, norm: str = "bn", batch
     return est
 
 
-__all__ = ["MemoryEstimate", "estimate", "check_fits", "memory_limit", "DATASET_SHAPES"]
+__all__ = ["MemoryEstimate", "estimate", "check_fits", "memory_limit", "parse_size", "DATASET_SHAPES"]

@@ -267,7 +267,7 @@ class ActivationQuantiles(Probe):
         out = seen[0]
         flat = (out[:, None] if out.dim() == 1 else out).transpose(0, 1).reshape(out.shape[1], -1).double()  # (C, N * positions)
         chans = self.channels if self.channels is not None else range(flat.shape[0])
-        q = torch.quantile(flat, torch.tensor(self.quantiles, dtype=torch.float64), dim=1)  # (Q, C)
+        q = torch.quantile(flat, torch.tensor(self.quantiles, dtype=torch.float64, device=flat.device), dim=1)  # (Q, C)
         std, mean = torch.std_mean(flat, dim=1, correction=0)
         rec: dict[str, float] = {}
         for c in chans:
