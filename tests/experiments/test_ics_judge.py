@@ -64,8 +64,8 @@ ROWS = [
     # S6 noisy-bn-less-stable (value: noisy / BN)
     (dict(), "noisy-bn-less-stable", "holds", 30.0),
     (dict(ins={"bn-noisy": 0.01}), "noisy-bn-less-stable", "fails", 1.0),
-    (dict(ins={"bn-noisy": 0.015}), "noisy-bn-less-stable", "inconclusive", 1.5),   # above BN, not 2x
-    (dict(ins={"none": 0.5}), "noisy-bn-less-stable", "inconclusive", 30.0),        # below the plain net
+    (dict(ins={"bn-noisy": 0.015}), "noisy-bn-less-stable", "fails", 1.5),   # above BN, but not "far": not 2x
+    (dict(ins={"none": 0.5}), "noisy-bn-less-stable", "fails", 30.0),        # more stable than the plain net
     (dict(ins={"none": math.nan}), "noisy-bn-less-stable", "inconclusive", 30.0),
     # S12 l1/l2/linf-does-not-stabilize: lp >= 1 x plain (value: lp / plain)
     (dict(), "l1-does-not-stabilize", "holds", 1.25),
@@ -135,7 +135,7 @@ def test_ics_thresholds_re_decide_without_training():
                  convnet=_ics_net((0.99, 0.99, 0.99), (0.99, 0.95, 0.99), (0.1, 0.05, 0.2), (0.1, 0.2, 0.1)))
     got = _judged(s)
     assert [got[c].status for c in ("noisy-bn-trains-like-bn", "noisy-bn-less-stable", "bn-ics-cos-not-higher", "bn-ics-l2-not-lower")] \
-        == ["fails", "inconclusive", "fails", "fails"]
+        == ["fails", "fails", "fails", "fails"]
     th = Thresholds(acc_tol=0.08, unstable_ratio=1.4, cos_slack=0.05, l2_ratio_min=0.2)
     got = _judged(s, th)
     assert [got[c].status for c in ("noisy-bn-trains-like-bn", "noisy-bn-less-stable", "bn-ics-cos-not-higher", "bn-ics-l2-not-lower")] \

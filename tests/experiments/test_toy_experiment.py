@@ -151,7 +151,7 @@ _CASES = [
     ("T2", {}, "holds"),
     ("T2", {"no_wd_min_loss": 0.6}, "fails"),  # the plain run escaped as well
     ("T2", {"no_wd_last_angular_step": 1e-2}, "fails"),  # still moving: not stalled
-    ("T2", {"loss_wd": [1.3] * 401}, "inconclusive"),  # the WD run never escaped: nothing to contrast
+    ("T2", {"loss_wd": [1.3] * 401}, "fails"),  # the WD run never escaped: "with WD it escapes" is refuted
     ("T2", {"loss_wd": [1.3] * 200 + [0.52] * 201}, "inconclusive"),  # escaped at 200: 400 steps < 3 × 200
     ("T3", {}, "holds"),
     ("T3", {"float64": [0.0] + [1e-3] * 400}, "fails"),  # float64 deviates too: an error, not round-off

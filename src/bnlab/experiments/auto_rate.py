@@ -738,6 +738,10 @@ class AutoRate(Experiment):
         span = math.log10(max(lrs) / min(lrs))
         if T < th.rate_min_steps:
             return verdict(claim, None, None, f"only T = {T} steps (< {th.rate_min_steps}): too few for a rate", rule)
+        sched = summary.get("schedule", {}).get(mode)
+        if mode == "sgd" and sched != "inv_sqrt":  # the theorem's SGD rate is for η_t = η/√(t+1)
+            return verdict(claim, None, None, f"SGD ran with the {sched!r} schedule, not the theorem's η/√(t+1) "
+                                              f"(sgd_schedule = 'inv_sqrt')", rule)
         if span < th.rate_min_decades - 1e-9:
             return verdict(claim, None, None, f"the η_w grid spans {span:.2g} decades (< {fmt(th.rate_min_decades)})", rule)
 
@@ -812,7 +816,8 @@ class AutoRate(Experiment):
             b_pl = band(plain, [math.isfinite(_mean_acc(a)) and _mean_acc(a) >= best - th.acc_tolerance for a in plain])
             grid = [a["lr_si"] for a in plain]
             edge = b_pl["lo"] is not None and (b_pl["lo"] == min(grid) or b_pl["hi"] == max(grid))
-            if edge and b_pl["decades"] <= th.plain_max_decades + 1e-9:
+            if edge and b_pl["decades"] <= th.plain_max_decades + 1e-9 and b_bn["decades"] >= th.bn_min_decades - 1e-9:
+                # (a BN band narrower than required fails whatever the plain net's true width)
                 parts.append(head + f"not judged: the plain net trains at the grid's edge ({words(b_pl)}), so its band may be "
                              f"wider than the grid shows. BN trains over {words(b_bn)} (best {best:.1%}; {ctrl_text}). {accs}")
                 continue

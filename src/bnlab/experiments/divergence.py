@@ -384,12 +384,12 @@ class Divergence(Experiment):
             var = nz.step_variance(alphas, bs)
             out[norm] = {"trace_cov": nz.trace_cov, "full_grad_sq_norm": nz.full_grad_sq_norm, "variance": var.tolist(),
                          "fit": fit_power_law(alphas, bs, var)}
-            if norm == "bn":
-                sb = sampled_batch_noise(net, x, y, bs, cfg.noise_sampled_batches, generator=torch.Generator().manual_seed(cfg.seed + 4))
-                v = np.outer(np.asarray(alphas) ** 2, sb["variance"])
-                out["bn_sampled"] = {"per_batch": sb["per_batch"], "gradient_variance": sb["variance"], "variance": v.tolist(),
-                                     "n_batches": sb["n_batches"], "full_grad_sq_norm": sb["full_grad_sq_norm"],
-                                     "fit": fit_power_law(alphas, bs, v)}
+            # SGD's step noise as SGD sees it: sampled batches (for BN: in train mode, with batch statistics)
+            sb = sampled_batch_noise(net, x, y, bs, cfg.noise_sampled_batches, generator=torch.Generator().manual_seed(cfg.seed + 4))
+            v = np.outer(np.asarray(alphas) ** 2, sb["variance"])
+            out[f"{norm}_sampled"] = {"per_batch": sb["per_batch"], "gradient_variance": sb["variance"], "variance": v.tolist(),
+                                      "n_batches": sb["n_batches"], "full_grad_sq_norm": sb["full_grad_sq_norm"],
+                                      "fit": fit_power_law(alphas, bs, v)}
         return out
 
     # ------------------------------------------------------------------ judge
@@ -486,26 +486,28 @@ class Divergence(Experiment):
         return verdict(cid, ok, value, detail, rule, spread=spread)
 
     def _b8_exact(self, summary: dict, th: Thresholds):
+        """B8 on the plain net: the measured (sampled) step noise against b; the closed form is the cross-check."""
         cid = "step-noise-scales-as-alpha2-over-b"
         tol = th.exponent_tol
-        rule = (f"power law fitted to E‖αg_B − αḡ‖² over the α × b grid: |p_α − 2| ≤ {tol:g} and |p_b + 1| ≤ {tol:g}, for the plain "
-                f"net and the BN net (statistics frozen at the training set's); inconclusive if a fit is undefined")
+        rule = (f"plain net: power law fitted to the step noise E‖αg_B − αḡ‖² measured on sampled batches over the α × b grid: "
+                f"|p_b + 1| ≤ {tol:g} (p_α = 2 holds by the step's linearity and is reported, not judged); inconclusive if "
+                f"the fit is undefined or fewer than 2 batches were sampled per size")
         nz = summary.get("noise", {})
-        nets = [n for n in ("none", "bn") if n in nz]
-        if not nets:
-            return verdict(cid, None, None, "no noise measurement in the summary", rule)
-        fits = {n: nz[n]["fit"] for n in nets}
-        okf = lambda f: abs(f["p_alpha"] - 2) <= tol and abs(f["p_batch"] + 1) <= tol
-        defined = all(math.isfinite(f["p_alpha"]) and math.isfinite(f["p_batch"]) for f in fits.values())
-        ok = None if not defined or len(nets) < 2 else all(okf(f) for f in fits.values())
-        worst = max(nets, key=lambda n: abs(fits[n]["p_batch"] + 1) if math.isfinite(fits[n]["p_batch"]) else math.inf)
-        detail = (f"exact, from the per-example gradients of N = {nz['n']} training examples at initialization, α ∈ "
-                  f"{{{', '.join(f'{a:g}' for a in nz['alphas'])}}}, b ∈ {{{', '.join(str(b) for b in nz['batch_sizes'])}}}: "
-                  + "; ".join(f"{_label(n)}: p_α = {fits[n]['p_alpha']:.4f}, p_b = {fits[n]['p_batch']:.4f} (rms residual "
-                              f"{fits[n]['rms']:.2g}; S = {nz[n]['trace_cov']:.3g}, ‖ḡ‖² = {nz[n]['full_grad_sq_norm']:.3g})" for n in nets)
-                  + ("" if len(nets) == 2 else "; only one net measured")
-                  + ". p_α = 2 by linearity of the step; p_b ≠ −1 only through (N − b)/(N − 1)")
-        return verdict(cid, ok, fits[worst]["p_batch"], detail, rule)
+        sm = nz.get("none_sampled")
+        if sm is None:
+            return verdict(cid, None, None, "the plain net's step noise was not sampled (no plain net in this run)", rule)
+        f = sm["fit"]
+        defined = math.isfinite(f["p_batch"]) and sm["n_batches"] >= 2
+        ok = None if not defined else abs(f["p_batch"] + 1) <= tol
+        exact = nz.get("none", {})
+        cross = ""
+        if exact.get("fit"):
+            cross = (f"; the closed form α²·S/b·(N − b)/(N − 1) from the per-example gradients gives p_b = "
+                     f"{exact['fit']['p_batch']:.4f} (S = {exact['trace_cov']:.3g})")
+        detail = (f"plain net at initialization, {sm['n_batches']} sampled batches per size from N = {nz['n']}, b ∈ "
+                  f"{{{', '.join(str(b) for b in nz['batch_sizes'])}}}: p_b = {f['p_batch']:.4f}, p_α = {f['p_alpha']:.4f} "
+                  f"(rms residual {f['rms']:.2g}){cross}")
+        return verdict(cid, ok, f["p_batch"], detail, rule)
 
     def _b8_sampled(self, summary: dict, th: Thresholds):
         cid = "bn-step-noise-with-batch-statistics"
@@ -514,7 +516,7 @@ class Divergence(Experiment):
                 f"inconclusive if the fit is undefined or fewer than 2 batches were sampled per size")
         nz = summary.get("noise", {})
         sb = nz.get("bn_sampled")
-        if sb is None:
+        if sb is None or "fit" not in sb:
             return verdict(cid, None, None, "the BN net's step noise was not sampled (no BN net in this run)", rule)
         f = sb["fit"]
         defined = math.isfinite(f["p_alpha"]) and math.isfinite(f["p_batch"]) and sb["n_batches"] >= 2

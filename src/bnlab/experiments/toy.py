@@ -250,9 +250,9 @@ class Toy(Experiment):
         no_min, move = summary["no_wd_min_loss"], summary["no_wd_last_angular_step"]
         no_wd = (f"no WD: lowest loss {fmt(no_min, 4)} (final {fmt(summary['no_wd_final_loss'], 4)}, ‖w‖ "
                  f"{fmt(summary['no_wd_final_norm'])}), last angular step {fmt(move)} rad")
-        if escape is None:
-            return verdict("T2", None, None, f"the WD run never fell below {fmt(level)} in {steps} steps (lowest "
-                           f"{fmt(summary['wd_min_loss'], 4)}): nothing to contrast; {no_wd}", rule)
+        if escape is None:  # "with WD it escapes" is half the claim: a WD run that never escapes refutes it
+            return verdict("T2", False, None, f"the WD run never fell below {fmt(level)} in {steps} steps (lowest "
+                           f"{fmt(summary['wd_min_loss'], 4)}); {no_wd}", rule)
         wd = f"WD: below {fmt(level)} from step {escape} (lowest {fmt(summary['wd_min_loss'], 4)})"
         if steps < th.stall_factor * escape:
             return verdict("T2", None, no_min, f"{wd}; the runs are {steps} steps long, fewer than "
@@ -279,6 +279,8 @@ class Toy(Experiment):
                + f", rising ×{fmt(r64['factor'])} per step to its peak at step {r64['peak_step']}")
         if steps < th.agreement_min_steps:
             return verdict("T3", None, max64, f"only {steps} steps (< {th.agreement_min_steps}); {f64}", rule)
+        if max64 > th.float64_tol:  # float64 past its tolerance refutes "round-off", whatever float32 did
+            return verdict("T3", False, max64, f"{f64}; float64 should agree to round-off", rule)
         if first32 is None:
             return verdict("T3", None, max64, f"float32 never deviates by more than {fmt(th.deviation_tol)} "
                            f"(max {fmt(nanmax(d32))}): no drift to explain; {f64}", rule)
