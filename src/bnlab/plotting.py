@@ -44,7 +44,9 @@ def learning_curves(arms: list[dict], path: Path, *, title: str = "") -> Path:
 
     Args:
         arms: dicts with ``label``, ``norm``, ``linestyle``, ``steps``, ``loss`` (per step),
-            ``eval_steps``, ``test_acc``, and optionally ``diverged_at``.
+            ``eval_steps``, ``test_acc``, and optionally ``diverged_at`` (a step, or a list of
+            steps: one per diverged seed) and a seed band ``loss_lo``/``loss_hi`` and
+            ``acc_lo``/``acc_hi`` (fractions) drawn shaded around the lines.
         path: where to save the PNG.
     """
     with plt.rc_context(STYLE):
@@ -55,9 +57,16 @@ def learning_curves(arms: list[dict], path: Path, *, title: str = "") -> Path:
             window = max(1, len(a["loss"]) // 40)
             ax1.plot(a["steps"], smooth(a["loss"], window), color=c, ls=ls, label=a["label"])
             ax2.plot(a["eval_steps"], np.asarray(a["test_acc"], float) * 100, color=c, ls=ls, marker="o", ms=3, label=a["label"])
-            if a.get("diverged_at") is not None:
-                ax1.axvline(a["diverged_at"], color=c, ls=":", lw=1)
-                ax1.annotate("diverged", (a["diverged_at"], 0.98), xycoords=("data", "axes fraction"), color=c, fontsize=8, ha="right", va="top", rotation=90)
+            if a.get("loss_lo") is not None:
+                ax1.fill_between(a["steps"], smooth(a["loss_lo"], window), smooth(a["loss_hi"], window), color=c, alpha=0.15, lw=0)
+            if a.get("acc_lo") is not None:
+                ax2.fill_between(a["eval_steps"], 100 * np.asarray(a["acc_lo"], float), 100 * np.asarray(a["acc_hi"], float),
+                                 color=c, alpha=0.15, lw=0)
+            div = a.get("diverged_at")
+            for d in ([] if div is None else div if isinstance(div, (list, tuple)) else [div]):
+                ax1.axvline(d, color=c, ls=":", lw=1)
+            if div is not None and not isinstance(div, (list, tuple)):
+                ax1.annotate("diverged", (div, 0.98), xycoords=("data", "axes fraction"), color=c, fontsize=8, ha="right", va="top", rotation=90)
         ax1.set_yscale("log")
         ax1.set_xlabel("step")
         ax1.set_ylabel("training loss (moving average)")

@@ -81,6 +81,7 @@ Reference:
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Any, Iterable, Optional, Sequence
 
@@ -447,7 +448,7 @@ def _resolve_managed(optimizer, params) -> tuple[list[int], list[torch.Tensor]]:
     return managed, tensors
 
 
-class _ScaleInvariantLR(LRScheduler):
+class _ScaleInvariantLR(LRScheduler, metaclass=abc.ABCMeta):
     """Shared machinery of the schedules that replace weight decay (:class:`ExpLR`, :class:`TEXP`,
     :class:`ExactExpLR`): validation of the optimizer, power-of-two renormalization, accessors.
 
@@ -517,13 +518,13 @@ class _ScaleInvariantLR(LRScheduler):
     def _before_step(self, step: int) -> None:
         """Act on the optimizer state just before optimizer step ``step`` (after any rescaling)."""
 
-    def _lr_frexp_at(self, step: int) -> tuple[float, int]:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def _lr_frexp_at(self, step: int) -> tuple[float, int]:
         """``η̃_step`` of the un-rescaled run as ``(m, e)``."""
-        raise NotImplementedError
 
-    def _wd_factor_frexp(self, step: int) -> tuple[float, int]:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def _wd_factor_frexp(self, step: int) -> tuple[float, int]:
         """``f`` with ``w_step = f · w̃_step`` (the weight-decay run from the un-rescaled one) as ``(m, e)``."""
-        raise NotImplementedError
 
     # -- torch LRScheduler protocol ---------------------------------------------------
 

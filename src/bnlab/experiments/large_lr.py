@@ -33,7 +33,7 @@ import numpy as np
 
 from .. import data as data_mod
 from .. import models
-from ..plotting import STYLE, color_for, save, smooth
+from ..plotting import learning_curves
 from ..runs import RunDir
 from ..sweep import sweep
 from .base import Claim, Context, Experiment, fmt, register_experiment, seed_spread, verdict
@@ -231,41 +231,22 @@ def _band(records: list[dict], key: str, seeds: list) -> tuple[np.ndarray, np.nd
 
 
 def _fig_curves(cfg: dict, recs: list[dict], path):
-    import matplotlib.pyplot as plt
-
+    """Learning curves of every arm: the mean over seeds, shaded min–max, a dotted line where a seed diverged."""
     seeds = [cfg["seed"] + k for k in range(cfg.get("seeds", 1))]
-    with plt.rc_context(STYLE):
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-        i = 0
-        for lr_name, ls in (("small_lr", "--"), ("large_lr", "-")):
-            for norm in cfg["norms"]:
-                arm = f"{norm}@{lr_name}"
-                steps = [r for r in recs if r.get("arm") == arm and "event" not in r and "loss" in r]
-                evals = [r for r in recs if r.get("arm") == arm and r.get("event") == "eval"]
-                if not steps:
-                    continue
-                c = color_for(norm, i)
-                label = f"{'BN' if norm == 'bn' else norm}, lr {cfg[lr_name]}"
-                s, mean, lo, hi = _band(steps, "loss", seeds)
-                w = max(1, len(s) // 40)
-                ax1.plot(s, smooth(mean, w), color=c, ls=ls, label=label)
-                ax1.fill_between(s, smooth(lo, w), smooth(hi, w), color=c, alpha=0.15, lw=0)
-                s, mean, lo, hi = _band(evals, "test_acc", seeds)
-                ax2.plot(s, 100 * mean, color=c, ls=ls, marker="o", ms=3, label=label)
-                ax2.fill_between(s, 100 * lo, 100 * hi, color=c, alpha=0.15, lw=0)
-                for r in steps:
-                    if r.get("diverged"):
-                        ax1.axvline(r["step"], color=c, ls=":", lw=1)
-                i += 1
-        ax1.set_yscale("log")
-        ax1.set_xlabel("step")
-        ax1.set_ylabel("training loss (moving average)")
-        ax2.set_xlabel("step")
-        ax2.set_ylabel("test accuracy (%)")
-        ax2.set_ylim(0, 100)
-        ax2.axhline(10, color="grey", lw=0.8, ls="--")
-        ax2.text(0.01, 10.5, "chance", transform=ax2.get_yaxis_transform(), color="grey", fontsize=7)
-        ax1.legend(fontsize=7)
-        fig.suptitle(f"{cfg['model']} on {cfg['data']}, SGD momentum {cfg['momentum']}: mean and min–max over "
-                     f"{len(seeds)} seeds (dotted: a seed diverged)")
-        return save(fig, path)
+    arms = []
+    for lr_name, ls in (("small_lr", "--"), ("large_lr", "-")):
+        for norm in cfg["norms"]:
+            arm = f"{norm}@{lr_name}"
+            steps = [r for r in recs if r.get("arm") == arm and "event" not in r and "loss" in r]
+            evals = [r for r in recs if r.get("arm") == arm and r.get("event") == "eval"]
+            if not steps:
+                continue
+            s, loss, loss_lo, loss_hi = _band(steps, "loss", seeds)
+            e, acc, acc_lo, acc_hi = _band(evals, "test_acc", seeds)
+            arms.append({"label": f"{'BN' if norm == 'bn' else norm}, lr {cfg[lr_name]}", "norm": norm, "linestyle": ls,
+                         "steps": s, "loss": loss, "loss_lo": loss_lo, "loss_hi": loss_hi,
+                         "eval_steps": e, "test_acc": acc, "acc_lo": acc_lo, "acc_hi": acc_hi,
+                         "diverged_at": [r["step"] for r in steps if r.get("diverged")]})
+    title = (f"{cfg['model']} on {cfg['data']}, SGD momentum {cfg['momentum']}: mean and min–max over "
+             f"{len(seeds)} seeds (dotted: a seed diverged)")
+    return learning_curves(arms, path, title=title)
