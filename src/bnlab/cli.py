@@ -33,6 +33,38 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "memory, or BNLAB_MAX_MEMORY)")
 
 
+def _add_log(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log", default=None, metavar="SINK,...",
+                   help="also send the metrics (and figures) to these sinks, written inside the run directory: "
+                        "tensorboard, wandb (offline), mlflow (file store); metrics.jsonl is always written")
+
+
+def _add_paper(p: argparse.ArgumentParser) -> None:
+    """Options of the paper profile (bnlab.paper)."""
+    p.add_argument("--smoke", action="store_true",
+                   help="paper profile only: the real architectures, optimizers, schedules, probes and figures with every "
+                        "training run capped at a few steps, on CIFAR-10 from --root or a synthetic stand-in; verdicts read "
+                        "'inconclusive (smoke run)'")
+    p.add_argument("--root", default=None, help="directory holding CIFAR-10's python-version files (default: the data dir)")
+    p.add_argument("--download", action="store_true", help="fetch CIFAR-10's official archive into --root if it is missing")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="paper profile: checkpoint every training run every N steps and resume from them after a crash "
+                        "(default: 500; 0: never)")
+    p.add_argument("--bf16", action="store_true", help="CUDA only: bf16 autocast for plain training arms (probes stay float32)")
+    p.add_argument("--no-compile", action="store_true", help="CUDA only: no torch.compile of plain training arms")
+
+
+def _paper_settings(args):
+    from .paper import Settings
+
+    every = getattr(args, "checkpoint_every", None)
+    if every is not None and every < 0:
+        raise UserError(f"--checkpoint-every must be >= 0, got {every}")
+    root = getattr(args, "root", None)
+    return Settings(smoke=getattr(args, "smoke", False), root=root, download=getattr(args, "download", False),
+                    bf16=getattr(args, "bf16", False), compile=not getattr(args, "no_compile", False), checkpoint_every=every)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="bnlab", description="Measure and use the optimization effects of normalization (BatchNorm above all).")
     parser.add_argument("--version", action="version", version=f"bnlab {__import__('bnlab').__version__}")
@@ -62,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default=None, help="run name (default: <data>-<model>-<norm>)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_common(t)
+    _add_log(t)
 
     r = sub.add_parser("run", help="run one registered experiment (figures, summary, verdicts)")
     r.add_argument("experiment", help="experiment name (see `bnlab list`)")
@@ -72,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="rerun even if a complete run with the same config exists")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_common(r)
+    _add_log(r)
+    _add_paper(r)
 
     for cmd, helptext in (("reproduce", "run every registered experiment (reusing complete runs) and build the report"),
                           ("demo", "the main job: `reproduce --profile quick`")):
@@ -80,7 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
         d.add_argument("--only", default=None, metavar="NAME,...", help="run only these experiments")
         d.add_argument("--force", action="store_true", help="rerun even complete runs with the same config")
         d.add_argument("--quiet", action="store_true", help="no progress bars")
+        d.add_argument("--executor", default="local", choices=("local", "ray"),
+                       help="local: one experiment after the other here; ray: each experiment a Ray task "
+                            "(pip install 'bnlab[ray]'; --out must be visible to every worker)")
+        d.add_argument("--address", default=None, metavar="ADDR",
+                       help="with --executor ray: a running Ray cluster ('auto', 'ray://host:10001'); "
+                            "default: start a local Ray instance for this command")
         _add_common(d)
+        _add_log(d)
+        _add_paper(d)
 
     ty = sub.add_parser("toy", help="the 2-D scale-invariant toy: weight decay vs exponential LR (= `bnlab run toy`; "
                         "the flags are shorthands for --set)")
@@ -96,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     ty.add_argument("--force", action="store_true", help="rerun even if a complete run with the same config exists")
     ty.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_common(ty)
+    _add_log(ty)
 
     rj = sub.add_parser("rejudge", help="judge stored runs again from their summaries (no training), then rebuild report.html")
     rj.add_argument("runs_dir", help="the directory given as --out to reproduce/run")
@@ -140,8 +184,12 @@ def _cmd_train(args) -> int:
     # Validate everything before anything is written.
     from .errors import check_run_name, check_seed
 
+    from .sinks import check_sinks, make_sinks, parse_sink_names
+
     check_positive("learning rate", args.lr)
     check_seed(args.seed)
+    sink_names = parse_sink_names(args.log)
+    check_sinks(sink_names)  # a missing package: one line naming the extra, before anything is written
     check_output_root(args.out)
     if args.name is not None:
         check_run_name(args.name)
@@ -182,6 +230,8 @@ def _cmd_train(args) -> int:
     with output_lock(args.out), RunDir.new(args.out, name, config, env=env_info(device=device, seed=args.seed)) as run:
         print(f"bnlab train: {args.model} ({args.norm}, {n_params:,} trained parameters) on {args.data} "
               f"({len(tr)} train / {len(te)} test), {args.optimizer} lr {args.lr}, device {device}", file=sys.stderr)
+        if sink_names:
+            run.attach_sinks(make_sinks(sink_names, run.path, name=f"{name}-{run.path.name}", config=config))
         h = train(model, tr, opt, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
                   full_batch=args.full_batch, eval_data=te, device=device, seed=args.seed, log=run.append_metrics,
                   progress=False if args.quiet else "train")
@@ -200,7 +250,7 @@ def _print_verdicts(run) -> None:
 
     mark = {"holds": "holds", "fails": "FAILS", "inconclusive": "inconclusive"}
     for v in verdict_rows(run):
-        print(f"  [{mark[v['status']]:>12}] {v['statement']}  ({v['source']})")
+        print(f"  [{v.get('label') or mark[v['status']]:>12}] {v['statement']}  ({v['source']})")
         print(f"                 {v['detail']}")
         if v.get("rule"):
             print(f"                 rule: {v['rule']}")
@@ -211,11 +261,22 @@ def _cmd_run(args, experiment: str | None = None) -> int:
     from .runs import output_lock
 
     name = experiment or args.experiment
-    resolve(name, args.profile, getattr(args, "overrides", None))  # bad settings: one line, before anything is written
+    paper_settings = _paper_settings(args)
+    cfg, _ = resolve(name, args.profile, getattr(args, "overrides", None),  # bad settings: one line, before anything is written
+                     smoke=paper_settings.smoke)
+    if args.profile == "paper" and not paper_settings.smoke:
+        from .paper import require_cifar10, uses_cifar10
+
+        if uses_cifar10(cfg):
+            require_cifar10(paper_settings.root, paper_settings.download)  # where to put CIFAR-10: one line, exit 2
+    from .sinks import check_sinks, parse_sink_names
+
+    check_sinks(parse_sink_names(getattr(args, "log", None)))  # unknown sink / missing package: one line, exit 2
     with output_lock(args.out):
         run, reused = run_experiment(name, profile=args.profile, out=args.out, overrides=getattr(args, "overrides", None),
                                      force=args.force, device=args.device, progress=not getattr(args, "quiet", False),
-                                     single_thread=args.threads is None, max_memory=args.max_memory)
+                                     single_thread=args.threads is None, max_memory=args.max_memory,
+                                     log=getattr(args, "log", None), paper_settings=paper_settings)
     print(f"{name} ({args.profile}){' — reused a complete run with the same configuration' if reused else ''}:")
     _print_verdicts(run)
     figs = sorted((run.path / "figures").glob("*")) if (run.path / "figures").exists() else []
@@ -231,9 +292,21 @@ def _cmd_reproduce(args) -> int:
     from .reproduce import format_table, reproduce
 
     t0 = time.perf_counter()
-    report, rows = reproduce(profile=args.profile, only=args.only, out=args.out, force=args.force,
-                             device=args.device, progress=not args.quiet, single_thread=args.threads is None,
-                             max_memory=args.max_memory)
+    executor = None
+    if args.executor == "ray":
+        from .sweep.executors import RayExecutor
+
+        executor = RayExecutor(address=args.address, progress=not args.quiet, desc="reproduce (ray)")
+    elif args.address is not None:
+        raise UserError(f"--address {args.address} needs --executor ray")
+    try:
+        report, rows = reproduce(profile=args.profile, only=args.only, out=args.out, force=args.force,
+                                 device=args.device, progress=not args.quiet, single_thread=args.threads is None,
+                                 max_memory=args.max_memory, log=getattr(args, "log", None),
+                                 paper_settings=_paper_settings(args), executor=executor)
+    finally:
+        if executor is not None:
+            executor.close()
     print(format_table(rows))
     counts = {s: sum(r["status"] == s for r in rows) for s in ("holds", "fails", "inconclusive")}
     print(f"\n{counts['holds']} hold, {counts['fails']} fail, {counts['inconclusive']} inconclusive "

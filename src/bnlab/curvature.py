@@ -14,7 +14,13 @@ Quantities (Santurkar et al. 2018, section "second order"; REFERENCES.md section
   the gradient, the paper's second-order smoothness measure).
 * :func:`top_eigenvalues`: the ``k`` largest eigenvalues of ``H`` by Lanczos with full
   reorthogonalization; :func:`power_iteration`: the dominant one by power iteration.
-* :func:`hessian_trace`: Hutchinson's estimate ``tr H = E[zᵀ H z]``, ``z`` Rademacher.
+* :func:`hessian_trace`: Hutchinson's estimate ``tr H = E[zᵀ H z]``, ``z`` Rademacher, or
+  Hutch++ (a low-rank sketch plus Hutchinson on the rest; lower variance at equal cost).
+
+Each function also takes an operator in place of ``(f, params)`` (the other arguments by
+keyword: ``top_eigenvalues(op, k=3)``): a :class:`HessianOperator`, or the dataset-level
+:class:`bnlab.dataset_curvature.DatasetHessianOperator` (the Hessian of the mean loss over a
+list of batches, in one process or sharded over ``torch.distributed`` ranks).
 
 How an HVP is computed (``method``):
 
@@ -48,17 +54,20 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Literal, NamedTuple, Optional
+from typing import Any, Callable, Iterator, Literal, NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from bnlab._batchnorm_second_order import second_order_batch_norm
+from bnlab.adapters import compute_loss, math_attention
+from bnlab.adapters import forward as adapter_forward
 from bnlab.errors import UserError, check_positive
 
 __all__ = [
     "LossClosure",
     "HessianOperator",
+    "CurvatureOperator",
     "EigenInfo",
     "TraceEstimate",
     "loss_and_grad",
@@ -69,6 +78,7 @@ __all__ = [
     "power_iteration",
     "hessian_trace",
     "model_loss_closure",
+    "layer_output_closure",
     "model_state_preserved",
     "model_hvp",
     "model_quadratic_form",
@@ -78,6 +88,15 @@ __all__ = [
 
 LossClosure = Callable[[dict[str, Tensor]], Tensor]
 """``f(params: dict[str, Tensor]) -> scalar Tensor``."""
+
+
+def __getattr__(name: str):
+    # bnlab.curvature.spectral_density is bnlab.spectrum's (imported lazily: spectrum imports this module)
+    if name in ("spectral_density", "SpectralDensity"):
+        from bnlab import spectrum
+
+        return getattr(spectrum, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 HvpMethod = Literal["auto", "reverse", "forward"]
 _METHODS = ("auto", "reverse", "forward")
@@ -102,7 +121,17 @@ def _resolve_method(method: str) -> str:
 
 
 def _flatten(d: dict[str, Tensor], keys: list[str]) -> Tensor:
-    return torch.cat([d[k].reshape(-1) for k in keys])
+    ts = [d[k] for k in keys]
+    if all(t.is_contiguous() for t in ts) or len({t.dtype for t in ts}) > 1:
+        return torch.cat([t.reshape(-1) for t in ts])
+    # non-contiguous parts (e.g. some convolution gradients): one strided copy each, instead of
+    # a contiguous copy by reshape and a second one by cat
+    out = torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=ts[0].device)
+    i = 0
+    for t in ts:
+        out[i : i + t.numel()].view(t.shape).copy_(t)
+        i += t.numel()
+    return out
 
 
 def _unflatten(vec: Tensor, like: dict[str, Tensor], keys: list[str]) -> dict[str, Tensor]:
@@ -265,9 +294,8 @@ class HessianOperator:
             if self._loss is None:
                 self._loss, self._grad = loss, g
             return hv
-        out = {k: torch.zeros_like(self.params[k]) for k in self.keys}
         if not self._live:
-            return out
+            return {k: torch.zeros_like(self.params[k]) for k in self.keys}
         idx = [i for i, _ in self._live]
         hv = torch.autograd.grad(
             [g for _, g in self._live],
@@ -276,10 +304,11 @@ class HessianOperator:
             retain_graph=True,
             allow_unused=True,
         )
-        for k, h in zip(self.keys, hv):
-            if h is not None:
-                out[k] = h.detach()
-        return out
+        # zeros only where the product does not reach a parameter (no per-call memset otherwise)
+        return {
+            k: (h.detach() if h is not None else torch.zeros_like(self.params[k]))
+            for k, h in zip(self.keys, hv)
+        }
 
     def matvec(self, vec: Tensor) -> Tensor:
         """``H v`` on the flattened parameter vector (keys in the order of ``params``)."""
@@ -291,10 +320,54 @@ class HessianOperator:
         return _flatten(self.params, self.keys)
 
 
+class CurvatureOperator(Protocol):
+    """What the solvers need of an operator ``v ↦ H v`` (:class:`HessianOperator`,
+    :class:`bnlab.dataset_curvature.DatasetHessianOperator`).
+
+    Attributes:
+        numel: dimension of the parameter space.
+        n_hvp: products computed so far.
+        keys: parameter names, in the order of the flat vectors.
+        params: the point ``w`` (a dict; gives shapes and dtype).
+    """
+
+    numel: int
+    n_hvp: int
+    keys: list[str]
+    params: dict[str, Tensor]
+
+    def __call__(self, v: dict[str, Tensor]) -> dict[str, Tensor]: ...
+
+    def matvec(self, vec: Tensor) -> Tensor:
+        """``H v`` on flat vectors, as a new tensor (the solvers update it in place)."""
+
+    def flat_params(self) -> Tensor: ...
+
+
+def _is_operator(f) -> bool:
+    return hasattr(f, "matvec") and hasattr(f, "numel") and not isinstance(f, nn.Module)
+
+
+def _operator(f, params: Optional[dict[str, Tensor]], method: str) -> CurvatureOperator:
+    """``f`` itself when it is an operator, else ``HessianOperator(f, params, method)``."""
+    if _is_operator(f):
+        if params is not None:
+            raise UserError(
+                "with an operator in place of (f, params), pass the other arguments by keyword, "
+                "e.g. top_eigenvalues(op, k=3) or hvp(op, v=v)"
+            )
+        if method != "auto":
+            raise UserError("the HVP method is set on the operator; leave method='auto' here")
+        return f
+    if params is None:
+        raise UserError("params is required with a loss closure f: call f(params) or pass an operator")
+    return HessianOperator(f, params, method=method)
+
+
 def hvp(
-    f: LossClosure,
-    params: dict[str, Tensor],
-    v: dict[str, Tensor],
+    f: "LossClosure | CurvatureOperator",
+    params: Optional[dict[str, Tensor]] = None,
+    v: Optional[dict[str, Tensor]] = None,
     *,
     method: HvpMethod = "auto",
 ) -> dict[str, Tensor]:
@@ -306,8 +379,8 @@ def hvp(
     CPU). For several products at one point use :class:`HessianOperator`.
 
     Args:
-        f: loss closure ``f(params) -> scalar``.
-        params: the point ``w``; not modified.
+        f: loss closure ``f(params) -> scalar``, or an operator (``hvp(op, v=v)``).
+        params: the point ``w``; not modified (``None`` with an operator).
         v: the vector, a dict with the keys (and shapes) of ``params``.
         method: ``"auto"``, ``"reverse"`` (double backward) or ``"forward"``
             (``torch.func.jvp`` over ``torch.func.grad``; composable with ``vmap``).
@@ -323,13 +396,16 @@ def hvp(
     Reference:
         Pearlmutter, "Fast exact multiplication by the Hessian", 1994.
     """
-    check_keys("v", v, params)
-    return HessianOperator(f, params, method=method)(v)
+    op = _operator(f, params, method)
+    if v is None:
+        raise UserError("hvp needs the vector v")
+    check_keys("v", v, op.params)
+    return op(v)
 
 
 def quadratic_form(
-    f: LossClosure,
-    params: dict[str, Tensor],
+    f: "LossClosure | CurvatureOperator",
+    params: Optional[dict[str, Tensor]] = None,
     v: Optional[dict[str, Tensor]] = None,
     *,
     method: HvpMethod = "auto",
@@ -342,8 +418,9 @@ def quadratic_form(
     comes from the same graph as the HVP (no extra pass). ``‖v‖ = 0`` gives ``nan``.
 
     Args:
-        f: loss closure ``f(params) -> scalar``.
-        params: the point ``w``; not modified.
+        f: loss closure ``f(params) -> scalar``, or an operator with a ``grad``
+            (``quadratic_form(op)``, ``quadratic_form(op, v=v)``).
+        params: the point ``w``; not modified (``None`` with an operator).
         v: the direction (dict with the keys of ``params``), or ``None`` for ``∇f(w)``.
         method: HVP method, see :func:`hvp`.
 
@@ -359,11 +436,11 @@ def quadratic_form(
     Reference:
         Santurkar et al., "How Does Batch Normalization Help Optimization?", NeurIPS 2018, sec. 3.
     """
-    op = HessianOperator(f, params, method=method)
+    op = _operator(f, params, method)
     if v is None:
         v = op.grad  # "reverse": from the graph already built; "forward": one more gradient
     else:
-        check_keys("v", v, params)
+        check_keys("v", v, op.params)
     hv = op(v)
     return _dot(v, hv) / _dot(v, v)
 
@@ -379,13 +456,21 @@ class EigenInfo:
     Attributes:
         n_hvp: Hessian-vector products used (the cost; one per iteration).
         n_iter: iterations run.
-        converged: whether the stopping rule was met before ``max_iter``.
-        rel_change: the last relative change of the estimates (the stopping statistic).
+        converged: whether the stopping rule was met before ``max_iter`` (Lanczos: every
+            wanted Ritz residual ``β_m |s_mi| ≤ tol·|θ_i|``, or the Krylov space is the whole
+            space; power iteration: relative change below ``tol``).
+        rel_change: the last relative change of the estimates between two iterations (the
+            stopping statistic of power iteration; reported by Lanczos for comparison).
         history: the estimates after each iteration (a list of ``k`` floats per iteration),
             to study convergence against a reference value.
         residual_norms: Lanczos only: ``β_m |s_mi|`` per returned eigenvalue, the norm of
             ``H y_i - θ_i y_i`` for the Ritz pair ``(θ_i, y_i)`` (some eigenvalue lies within it).
         eigenvectors: the (Ritz) eigenvectors as parameter dicts when asked for, else ``None``.
+        tol: the tolerance the solver was run with.
+        error_estimates: Lanczos only: ``min(r_i, r_i² / gap_i)`` with ``r_i`` the residual
+            bound and ``gap_i`` the distance from ``θ_i`` to the nearest other Ritz value: the
+            Kato–Temple error for a well-separated eigenvalue, an estimate (the true gap is
+            unknown); ``residual_norms`` is the guaranteed bound.
     """
 
     n_hvp: int
@@ -395,6 +480,8 @@ class EigenInfo:
     history: list[list[float]] = field(default_factory=list)
     residual_norms: list[float] = field(default_factory=list)
     eigenvectors: Optional[list[dict[str, Tensor]]] = None
+    tol: float = math.nan
+    error_estimates: list[float] = field(default_factory=list)
 
 
 def _random_unit(n: int, like: Tensor, gen: torch.Generator) -> Tensor:
@@ -409,8 +496,8 @@ def _select(theta: Tensor, k: int, which: str) -> Tensor:
 
 
 def top_eigenvalues(
-    f: LossClosure,
-    params: dict[str, Tensor],
+    f: "LossClosure | CurvatureOperator",
+    params: Optional[dict[str, Tensor]] = None,
     k: int = 1,
     *,
     tol: float = 1e-3,
@@ -424,36 +511,59 @@ def top_eigenvalues(
 
     Lanczos builds an orthonormal basis ``Q_m = [q_1..q_m]`` of the Krylov space
     ``span{q_1, Hq_1, .., H^{m-1}q_1}`` (``q_1`` Gaussian, from ``seed``) and the tridiagonal
-    ``T_m = Q_mᵀ H Q_m``; the eigenvalues of ``T_m`` (Ritz values) approach the extreme
-    eigenvalues of ``H``. Every new vector is reorthogonalized against all previous ones
-    (classical Gram-Schmidt applied twice), so no spurious copies appear in floating point. One
-    HVP per iteration. Stops when the relative change of each of the ``k`` wanted Ritz values
-    between two iterations is below ``tol``: ``max_i |θ_i^(m) - θ_i^(m-1)| / |θ_i^(m)| < tol``,
-    or after ``max_iter`` iterations, or when the Krylov space is the whole space. If Lanczos
-    breaks down (an invariant subspace, e.g. a repeated eigenvalue) it continues from a fresh
-    random vector orthogonal to ``Q``, so multiple eigenvalues are found too. Memory: ``m``
-    vectors of the parameter size.
+    ``T_m = Q_mᵀ H Q_m``; the eigenvalues ``θ_i`` of ``T_m = S Θ Sᵀ`` (Ritz values) approach the
+    extreme eigenvalues of ``H``. Every new vector is reorthogonalized against all previous ones
+    (after the three-term recurrence, one classical Gram-Schmidt pass against all of ``Q_m``,
+    a second when the first removed most of the vector), so no spurious copies appear in
+    floating point. One HVP per iteration; memory: ``m`` vectors of the parameter size.
 
-    The stopping rule measures progress, not error: when convergence is slow the error at the
-    stop can exceed ``tol`` (benchmarks/landscape.py measures the actual error).
-    ``info.residual_norms`` bounds it: some eigenvalue of ``H`` lies within ``β_m |s_mi|`` of
-    ``θ_i``.
+    **Stopping rule (an error bound).** With ``β_m`` the norm of the next Lanczos vector before
+    normalization, the Ritz pair ``(θ_i, y_i = Q_m s_i)`` has the residual
+    ``‖H y_i − θ_i y_i‖ = β_m |s_mi|`` (``s_mi`` the last component of ``s_i``). The run stops
+    as soon as **each** of the ``k`` wanted Ritz values satisfies
+
+        ``β_m |s_mi| ≤ tol · |θ_i|``
+
+    (or when the Krylov space is the whole space: exact; or after ``max_iter``:
+    ``info.converged`` is then ``False``). What this guarantees, for a symmetric ``H``:
+
+    * some eigenvalue ``λ`` of ``H`` lies within ``β_m |s_mi|`` of ``θ_i``, hence within
+      ``tol · |θ_i|`` at a converged stop (``min_λ |λ − θ_i| ≤ ‖H y − θ y‖`` for any unit
+      ``y``; to round-off, which full reorthogonalization keeps at the level of the HVP's own
+      error);
+    * if the other eigenvalues of ``H`` are at distance ``≥ gap`` from ``θ_i`` (a
+      well-separated eigenvalue), the error is second order: ``|λ − θ_i| ≤ (β_m s_mi)² / gap``
+      (Kato–Temple; Parlett, *The Symmetric Eigenvalue Problem*, Thm 11.7.1).
+      ``info.error_estimates`` evaluates it with the gap to the nearest other Ritz value, an
+      estimate (the true gap is unknown), never above the guaranteed bound.
+
+    Not guaranteed (by any Krylov method): that ``λ`` is the ``i``-th largest eigenvalue,
+    i.e. that no eigenvalue was missed because the start vector is (numerically) orthogonal to
+    its eigenvector. A Ritz value close to 0 cannot meet a relative tolerance and runs to
+    ``max_iter``. If Lanczos breaks down (an invariant subspace, e.g. a repeated eigenvalue) it
+    continues from a fresh random vector orthogonal to ``Q``, and then also waits until the
+    restarted run's own top Ritz value meets the tolerance (relative to the ``k``-th wanted
+    value), so multiple eigenvalues are found too. The earlier rule (relative change between
+    iterations below ``tol``) measured progress, not error, and stopped short on slowly
+    converging spectra; ``info.rel_change`` still reports that statistic.
 
     Args:
-        f: loss closure ``f(params) -> scalar``.
-        params: the point ``w``; not modified.
+        f: loss closure ``f(params) -> scalar``, or an operator (:class:`HessianOperator`,
+            :class:`bnlab.dataset_curvature.DatasetHessianOperator`) with the other arguments
+            by keyword: ``top_eigenvalues(op, k=3)``.
+        params: the point ``w``; not modified (``None`` with an operator).
         k: number of eigenvalues.
-        tol: relative-change tolerance of the stopping rule.
+        tol: relative bound on the Ritz residual, see above (default 1e-3).
         max_iter: at most this many iterations (= HVPs).
         seed: seed of the start vector (a private ``torch.Generator``; the global RNG is untouched).
         which: ``"largest"`` (algebraic, the default: the sharpness) or ``"magnitude"``.
-        method: HVP method, see :func:`hvp`.
+        method: HVP method, see :func:`hvp` (fixed by the operator when one is given).
         return_eigenvectors: also return the Ritz vectors in ``info.eigenvectors``.
 
     Returns:
         ``(eigenvalues, info)``: a float64 tensor of ``k`` values, largest first (fewer when
-        ``max_iter`` or the dimension is below ``k``), and an :class:`EigenInfo` with
-        ``info.n_hvp``.
+        ``max_iter`` or the dimension is below ``k``), and an :class:`EigenInfo` with the HVPs
+        used, the iterations, the residual bounds and whether the rule was met.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64))
@@ -464,19 +574,21 @@ def top_eigenvalues(
 
     Reference:
         Lanczos 1950; Golub & Van Loan, *Matrix Computations*, sec. 10.1 (full
-        reorthogonalization); Ghorbani, Krishnan, Xiao, "An Investigation into Neural Net
-        Optimization via Hessian Eigenvalue Density", ICML 2019.
+        reorthogonalization); Parlett 1998, ch. 11 (residual and gap bounds); Ghorbani,
+        Krishnan, Xiao, "An Investigation into Neural Net Optimization via Hessian Eigenvalue
+        Density", ICML 2019.
     """
     check_positive("k", k)
     check_positive("tol", tol)
     check_positive("max_iter", max_iter)
     if which not in ("largest", "magnitude"):
         raise UserError(f"unknown which={which!r}; accepted: largest, magnitude")
-    op = HessianOperator(f, params, method=method)
+    op = _operator(f, params, method)
     n = op.numel
     like = op.flat_params()
     gen = torch.Generator().manual_seed(seed)
     m_max = min(max_iter, n)
+    hvp0 = op.n_hvp
 
     Q = torch.empty(m_max, n, dtype=like.dtype, device=like.device)
     alphas: list[float] = []
@@ -485,75 +597,115 @@ def top_eigenvalues(
     prev: Optional[Tensor] = None
     rel_change = math.inf
     converged = False
-    q = _random_unit(n, like, gen)
+    block = 0  # first index of the current Lanczos run (after the last restart)
+    Q[0] = _random_unit(n, like, gen)
     theta = s = None
+    beta = 0.0
     m = 0
     for j in range(m_max):
-        Q[j] = q
-        w = op.matvec(q)
-        # Full reorthogonalization (CGS2); h[j] is alpha_j, h[j-1] is beta_{j-1}.
-        h = Q[: j + 1] @ w
-        w = w - Q[: j + 1].T @ h
-        h2 = Q[: j + 1] @ w
-        w = w - Q[: j + 1].T @ h2
-        alphas.append(float(h[j] + h2[j]))
-        beta = float(w.norm())
+        q = Q[j]
+        w = op.matvec(q)  # a new tensor: updated in place below (no per-iteration allocation)
+        if w.data_ptr() == q.data_ptr() or not w.is_contiguous():
+            w = w.clone()  # an operator that hands back its input (the identity) or a strided view
+        # The three-term recurrence, then full reorthogonalization against all of Q: one
+        # classical Gram-Schmidt pass, and a second one only when the first removed more than
+        # half of the vector (the DGKS "twice is enough" test). Each pass reads Q twice, the
+        # cost that grows with the iterations; the local step makes one pass enough almost always.
+        alpha = float(torch.dot(q, w))
+        w.sub_(q, alpha=alpha)
+        if j > 0 and betas[-1] != 0.0:
+            w.sub_(Q[j - 1], alpha=betas[-1])
+        before = float(w.norm())
+        for _ in range(2):
+            h = Q[: j + 1] @ w
+            w.addmv_(Q[: j + 1].T, h, alpha=-1.0)
+            alpha += float(h[j])
+            beta = float(w.norm())
+            if not beta < 0.5 * before:
+                break
+            before = beta
+        alphas.append(alpha)
         m = j + 1
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if betas:
-            off = torch.tensor(betas, dtype=torch.float64)
-            T += torch.diag(off, 1) + torch.diag(off, -1)
+        T = _tridiag(alphas, betas)
         theta, s = torch.linalg.eigh(T)
         sel = _select(theta, k, which)
         cur = theta[sel]
         history.append(cur.tolist())
         if prev is not None and len(prev) == len(cur):
             rel_change = float(((cur - prev).abs() / cur.abs().clamp_min(1e-300)).max())
-            if rel_change < tol:
-                converged = True
-                break
         prev = cur
         if m == n:
             converged = True  # the Krylov space is the whole space: Ritz values are exact
-            rel_change = 0.0
-            break
-        if j + 1 == m_max:
             break
         scale = max(abs(a) for a in alphas) + (max(betas) if betas else 0.0)
-        if beta <= 1e-10 * max(scale, 1e-300) or not math.isfinite(beta):
+        breakdown = beta <= 1e-10 * max(scale, 1e-300) or not math.isfinite(beta)
+        if not breakdown and len(sel) == k:
+            res = beta * s[-1, sel].abs()
+            ok = bool((res <= tol * cur.abs()).all())
+            if ok and block > 0:
+                # After a restart: the restarted run's top Ritz value must have converged too
+                # (it is the candidate for an eigenvalue the first run could not see).
+                tb, sb = torch.linalg.eigh(T[block:, block:])
+                ib = _select(tb, 1, which)
+                ref = max(float(tb[ib].abs()), float(cur.abs().min()))
+                ok = float(beta * sb[-1, ib].abs()) <= tol * ref
+            if ok:
+                converged = True
+                break
+        if j + 1 == m_max:
+            break
+        if breakdown:
             # Invariant subspace: restart from a random vector orthogonal to Q (beta = 0).
             r = _random_unit(n, like, gen)
             for _ in range(2):
                 r = r - Q[: j + 1].T @ (Q[: j + 1] @ r)
-            q = r / r.norm()
+            torch.div(r, r.norm(), out=Q[j + 1])
             betas.append(0.0)
+            block = j + 1
         else:
-            q = w / beta
+            torch.div(w, beta, out=Q[j + 1])
             betas.append(beta)
 
     sel = _select(theta, k, which)
     eigenvalues = theta[sel].clone()
     last_beta = beta if m < n else 0.0
-    residuals = (last_beta * s[-1, sel].abs()).tolist()
+    res_all = last_beta * s[-1].abs()
+    residuals = res_all[sel]
+    estimates = []
+    for i in sel.tolist():
+        others = torch.cat([theta[:i], theta[i + 1 :]])
+        r_i = float(res_all[i])
+        gap = float((others - theta[i]).abs().min()) if len(others) else math.inf
+        estimates.append(min(r_i, r_i * r_i / gap) if gap > 0 else r_i)
     vectors = None
     if return_eigenvectors:
         Y = s[:, sel].T.to(like.dtype) @ Q[:m]
-        vectors = [_unflatten(y.clone(), params, op.keys) for y in Y]
+        vectors = [_unflatten(y.clone(), op.params, op.keys) for y in Y]
     info = EigenInfo(
-        n_hvp=op.n_hvp,
+        n_hvp=op.n_hvp - hvp0,
         n_iter=m,
         converged=converged,
         rel_change=rel_change,
         history=history,
-        residual_norms=residuals,
+        residual_norms=residuals.tolist(),
         eigenvectors=vectors,
+        tol=tol,
+        error_estimates=estimates,
     )
     return eigenvalues, info
 
 
+def _tridiag(alphas: list[float], betas: list[float]) -> Tensor:
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        T += torch.diag(off, 1) + torch.diag(off, -1)
+    return T
+
+
 def power_iteration(
-    f: LossClosure,
-    params: dict[str, Tensor],
+    f: "LossClosure | CurvatureOperator",
+    params: Optional[dict[str, Tensor]] = None,
     *,
     tol: float = 1e-3,
     max_iter: int = 1000,
@@ -570,8 +722,8 @@ def power_iteration(
     beats; kept for comparison (benchmarks/landscape.py) and because it is the textbook method.
 
     Args:
-        f: loss closure ``f(params) -> scalar``.
-        params: the point ``w``; not modified.
+        f: loss closure ``f(params) -> scalar``, or an operator (other arguments by keyword).
+        params: the point ``w``; not modified (``None`` with an operator).
         tol: relative-change tolerance.
         max_iter: at most this many iterations (= HVPs).
         seed: seed of the start vector (private generator).
@@ -593,7 +745,8 @@ def power_iteration(
     """
     check_positive("tol", tol)
     check_positive("max_iter", max_iter)
-    op = HessianOperator(f, params, method=method)
+    op = _operator(f, params, method)
+    hvp0 = op.n_hvp
     like = op.flat_params()
     gen = torch.Generator().manual_seed(seed)
     v = _random_unit(op.numel, like, gen)
@@ -617,12 +770,12 @@ def power_iteration(
             break
         v = w / norm
     info = EigenInfo(
-        n_hvp=op.n_hvp,
+        n_hvp=op.n_hvp - hvp0,
         n_iter=len(history),
         converged=converged,
         rel_change=rel_change,
         history=history,
-        eigenvectors=[_unflatten(v.clone(), params, op.keys)] if return_eigenvector else None,
+        eigenvectors=[_unflatten(v.clone(), op.params, op.keys)] if return_eigenvector else None,
     )
     return torch.tensor(theta, dtype=torch.float64), info
 
@@ -632,12 +785,14 @@ def power_iteration(
 
 
 class TraceEstimate(NamedTuple):
-    """Hutchinson's trace estimate. Unpacks as ``(estimate, stderr, n_samples)``.
+    """A stochastic trace estimate. Unpacks as ``(estimate, stderr, n_samples)``.
 
     Attributes:
-        estimate: the mean of ``zᵀHz`` over the samples.
-        stderr: its standard error, ``std(samples, ddof=1) / √n`` (``nan`` for ``n = 1``).
-        n_samples: the number of samples (= HVPs).
+        estimate: Hutchinson: the mean of ``zᵀHz`` over the samples; Hutch++: the exact trace
+            on the sketched subspace plus the mean over the residual samples.
+        stderr: the standard error of the sample mean, ``std(samples, ddof=1) / √n_res``
+            (``nan`` for one sample).
+        n_samples: the HVPs used.
     """
 
     estimate: float
@@ -645,29 +800,64 @@ class TraceEstimate(NamedTuple):
     n_samples: int
 
 
+_ESTIMATORS = ("hutchinson", "hutch++")
+
+
+def _rademacher(n: int, like: Tensor, gen: torch.Generator) -> Tensor:
+    return torch.randint(0, 2, (n,), generator=gen).to(like.dtype).mul_(2).sub_(1).to(like.device)
+
+
+def _dot64(a: Tensor, b: Tensor) -> float:
+    # float64 vectors: a BLAS dot; lower precision: a product and torch's cascade summation
+    # (accurate to ~eps·log n of Σ|a_i b_i|, no float64 copies of two parameter-sized vectors)
+    if a.dtype == torch.float64:
+        return float(torch.dot(a, b))
+    return float((a * b).sum())
+
+
 def hessian_trace(
-    f: LossClosure,
-    params: dict[str, Tensor],
+    f: "LossClosure | CurvatureOperator",
+    params: Optional[dict[str, Tensor]] = None,
     n_samples: int = 100,
     *,
     seed: int = 0,
     method: HvpMethod = "auto",
+    estimator: Literal["hutchinson", "hutch++"] = "hutchinson",
 ) -> TraceEstimate:
-    """Hutchinson's estimate of the Hessian trace, ``tr H = E[zᵀ H z]``.
+    """Stochastic estimate of the Hessian trace ``tr H`` from ``n_samples`` HVPs.
 
-    ``z`` has i.i.d. Rademacher (±1) entries, so ``E[zzᵀ] = I``; the estimator is unbiased with
-    variance ``2 Σ_{i≠j} H_ij²`` per sample (the diagonal contributes no noise). One HVP per
-    sample; the samples share one forward/backward graph (see :class:`HessianOperator`).
+    ``estimator="hutchinson"`` (the default): ``tr H = E[zᵀ H z]`` with i.i.d. Rademacher (±1)
+    entries, ``E[zzᵀ] = I``; the mean of ``n`` samples is unbiased with variance
+    ``2 Σ_{i≠j} H_ij² / n`` (the diagonal contributes no noise).
+
+    ``estimator="hutch++"`` (Meyer, Musco, Musco, Woodruff 2021) spends the same ``n`` HVPs in
+    three parts: ``n_s = ⌊n/3⌋`` on a sketch ``Y = H S`` (``S`` Gaussian), orthonormalized
+    into ``Q`` (Gram-Schmidt twice; directions of ``Y`` that are numerically dependent are
+    dropped, so ``r = rank Q ≤ n_s``); ``r`` on ``tr(QᵀHQ) = Σ_i q_iᵀ H q_i``, exact; and the
+    rest, ``n − n_s − r ≥ n/3``, on Hutchinson's estimate of ``tr((I−QQᵀ) H (I−QQᵀ))`` with
+    projected Rademacher vectors. Since ``tr H = tr(QᵀHQ) + tr((I−QQᵀ)H(I−QQᵀ))`` for any
+    orthonormal ``Q``, it is unbiased, and **exact when** ``rank H ≤ n_s`` (then ``Q`` spans
+    the range of ``H``, almost surely for a Gaussian ``S``). When the spectrum
+    decays (a few large eigenvalues, as in a network's Hessian), the sketch captures them and
+    the variance drops: error ``O(1/n)`` instead of ``O(1/√n)`` for PSD ``H``. It stores ``n_s``
+    vectors of the parameter size. With ``n < 3`` it is Hutchinson's.
+
+    One HVP per sample; the samples share one forward/backward graph (see
+    :class:`HessianOperator`).
 
     Args:
-        f: loss closure ``f(params) -> scalar``.
-        params: the point ``w``; not modified.
-        n_samples: number of Rademacher vectors.
-        seed: seed of the vectors (private generator; the global RNG is untouched).
-        method: HVP method, see :func:`hvp`.
+        f: loss closure ``f(params) -> scalar``, or an operator with the other arguments by
+            keyword: ``hessian_trace(op, n_samples=60)``.
+        params: the point ``w``; not modified (``None`` with an operator).
+        n_samples: the HVP budget.
+        seed: seed of the random vectors (private generator; the global RNG is untouched).
+        method: HVP method, see :func:`hvp` (fixed by the operator when one is given).
+        estimator: ``"hutchinson"`` or ``"hutch++"``.
 
     Returns:
-        A :class:`TraceEstimate` ``(estimate, stderr, n_samples)``.
+        A :class:`TraceEstimate` ``(estimate, stderr, n_samples)``; for Hutch++ the standard
+        error is that of the residual part given the sketch (the exact part has none), and
+        ``n_samples`` counts all HVPs.
 
     Example:
         >>> A = torch.diag(torch.tensor([1.0, 5.0, 2.0], dtype=torch.float64))
@@ -678,19 +868,51 @@ def hessian_trace(
 
     Reference:
         Hutchinson, "A stochastic estimator of the trace of the influence matrix for Laplacian
-        smoothing splines", 1989; Avron & Toledo, J. ACM 2011.
+        smoothing splines", 1989; Avron & Toledo, J. ACM 2011; Meyer, Musco, Musco, Woodruff,
+        "Hutch++: Optimal Stochastic Trace Estimation", SOSA 2021.
     """
     check_positive("n_samples", n_samples)
-    op = HessianOperator(f, params, method=method)
+    if estimator not in _ESTIMATORS:
+        raise UserError(f"unknown trace estimator {estimator!r}; accepted: {', '.join(_ESTIMATORS)}")
+    op = _operator(f, params, method)
     like = op.flat_params()
+    N = op.numel
     gen = torch.Generator().manual_seed(seed)
+    n_sketch = n_samples // 3 if estimator == "hutch++" else 0
+    exact = 0.0
+    Q = None
+    if n_sketch:
+        Y = torch.empty(n_sketch, N, dtype=like.dtype, device=like.device)
+        for i in range(n_sketch):  # Gaussian sketch: H S has the rank of H almost surely
+            Y[i] = op.matvec(_random_unit(N, like, gen))
+        # Orthonormalize the rows in place (CGS2), dropping numerically dependent ones.
+        drop = 1e3 * torch.finfo(like.dtype).eps
+        r = 0
+        for i in range(n_sketch):
+            y = Y[i].clone()
+            n0 = float(y.norm())
+            for _ in range(2):
+                if r:
+                    y -= Y[:r].T @ (Y[:r] @ y)
+            n1 = float(y.norm())
+            if n0 > 0 and math.isfinite(n1) and n1 > drop * n0:
+                Y[r] = y / n1
+                r += 1
+        Q = Y[:r]
+        for qi in Q:
+            exact += _dot64(qi, op.matvec(qi))
+        n_res = n_samples - n_sketch - r
+    else:
+        n_res = n_samples
     samples = []
-    for _ in range(n_samples):
-        z = torch.randint(0, 2, (op.numel,), generator=gen).to(like.dtype).mul_(2).sub_(1)
-        samples.append(float(torch.dot(z.double(), op.matvec(z.to(like.device)).double())))
+    for _ in range(n_res):
+        z = _rademacher(N, like, gen)
+        if Q is not None and len(Q):
+            z = z - Q.T @ (Q @ z)
+        samples.append(_dot64(z, op.matvec(z)))
     t = torch.tensor(samples, dtype=torch.float64)
-    se = float(t.std(unbiased=True) / math.sqrt(n_samples)) if n_samples > 1 else math.nan
-    return TraceEstimate(float(t.mean()), se, n_samples)
+    se = float(t.std(unbiased=True) / math.sqrt(n_res)) if n_res > 1 else math.nan
+    return TraceEstimate(exact + float(t.mean()), se, n_samples)
 
 
 # --------------------------------------------------------------------------------------------
@@ -702,13 +924,16 @@ _NORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 def model_loss_closure(
     model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: Any,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
 ) -> tuple[LossClosure, dict[str, Tensor]]:
     """The loss of ``model`` on one batch as a closure of its trainable parameters.
 
     ``f(params) = loss_fn(model(x; params), y)`` evaluated with
-    ``torch.func.functional_call(model, (params, constants), (x,))``. The model is never
+    ``torch.func.functional_call(model, (params, constants), (x,))``; through
+    :mod:`bnlab.adapters` the batch may also be a dict (``model(**batch)``, Hugging Face style),
+    the output a ``ModelOutput``/dict (its ``logits`` go to ``loss_fn``), and without ``loss_fn``
+    the loss is the one the model returns (``output.loss``). The model is never
     changed by calling ``f``:
 
     * ``params`` are detached copies of the trainable parameters (``requires_grad=True``);
@@ -724,14 +949,27 @@ def model_loss_closure(
       place updates the copy. (Such a layer cannot run under ``vmap``;
       :func:`bnlab.landscape.probe_along_gradient` then falls back to a loop.)
 
-    The training mode is read at each call (it is never set). Stochastic layers (dropout in
-    train mode) make ``f`` stochastic and consume the global RNG; put the model in eval mode or
-    use the ``model_*`` wrappers, which restore the RNG state.
+    * **Fixed randomness.** The RNG state (CPU, and the CUDA devices holding the model) is
+      captured when the closure is built, and every call of ``f`` runs from that same state on a
+      forked RNG: a stochastic layer (dropout in train mode) draws the *same* masks at every
+      evaluation, so ``f`` is one deterministic function of the parameters (its Hessian is the
+      Hessian of the loss with those masks), and calling ``f`` never advances the global RNG.
+      Two closures built from the same RNG state give the same masks; the ``model_*`` wrappers
+      also restore the RNG, so repeated calls give identical results.
+    * **Attention.** ``f`` runs inside :func:`bnlab.adapters.math_attention`:
+      ``scaled_dot_product_attention`` uses its math backend, which (unlike the fused flash /
+      memory-efficient kernels) supports double backward, so HVPs work on transformers. The
+      user's backend choice is restored after each call.
+
+    The training mode is read at each call (it is never set).
 
     Args:
         model: any ``nn.Module``.
-        batch: ``(x, y)``; ``model(x)`` gives the logits.
-        loss_fn: ``loss_fn(logits, y) -> scalar``, e.g. ``torch.nn.functional.cross_entropy``.
+        batch: ``(x, y)`` (``model(x)`` gives the logits) or a dict of keyword inputs
+            (``model(**batch)``); see :func:`bnlab.adapters.split_batch`.
+        loss_fn: ``loss_fn(logits, y) -> scalar``, e.g. ``torch.nn.functional.cross_entropy``;
+            ``None``: the model's own loss (``output.loss``, e.g. a Hugging Face model given
+            ``labels``).
 
     Returns:
         ``(f, params)``: the closure and the current trainable parameters (detached copies).
@@ -742,7 +980,6 @@ def model_loss_closure(
         >>> f, params = model_loss_closure(model, batch, nn.functional.cross_entropy)
         >>> loss = f(params)  # the model's BN running statistics are unchanged
     """
-    x, y = batch
     params: dict[str, Tensor] = {}
     frozen: dict[str, Tensor] = {}
     for name, p in model.named_parameters():
@@ -760,16 +997,115 @@ def model_loss_closure(
                 norm_stats.append((full, mod))
             buffers[full] = b.detach().clone()
 
+    devices = _cuda_devices(model)
+    rng_cpu = torch.get_rng_state()
+    rng_cuda = [torch.cuda.get_rng_state(d) for d in devices]
+
     def f(p: dict[str, Tensor]) -> Tensor:
         consts = dict(frozen)
         consts.update(buffers)
         for full, mod in norm_stats:
             if mod.training:
                 consts[full] = None  # batch statistics, no running-stat update
-        out = torch.func.functional_call(model, (p, consts), (x,))
-        return loss_fn(out, y)
+        with torch.random.fork_rng(devices=devices), math_attention():
+            torch.set_rng_state(rng_cpu)  # the same dropout masks at every evaluation
+            for d, state in zip(devices, rng_cuda):
+                torch.cuda.set_rng_state(state, d)
+            out = adapter_forward(model, batch, (p, consts))
+            return compute_loss(out, batch, loss_fn)
 
     return f, params
+
+
+def layer_output_closure(
+    model: nn.Module,
+    batch: Any,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]],
+    module: nn.Module,
+    *,
+    on: str = "output",
+) -> tuple[LossClosure, Tensor]:
+    """The loss as a function of one layer's activations: curvature in activation space.
+
+    ``y`` is ``module``'s output on ``batch`` (``on="input"``: its first input), detached;
+    ``f({"y": y'}) = L(y')`` is the loss when that tensor is replaced by ``y'`` (a forward hook
+    returns the replacement; a forward pre-hook for ``on="input"``), every parameter fixed at its
+    current value and the rest of the network unchanged. It is built on
+    :func:`model_loss_closure` and shares its rules: BatchNorm in train mode (also downstream of
+    ``module``) uses the batch's statistics and updates no running statistic, randomness is fixed
+    at construction, the training mode is read at each call, and the model is left untouched (the
+    replacing hook exists only during a call of ``f``). ``f`` takes a dict with the single key
+    ``"y"`` (the ``torch.func`` convention of every function here) or the tensor itself, so::
+
+        f, y = layer_output_closure(model, batch, F.cross_entropy, model.features[1])
+        g = loss_and_grad(f, {"y": y})[1]["y"]            # ∂L/∂y
+        Hv = hvp(f, {"y": y}, {"y": v})["y"]              # (∂²L/∂y²) v
+        lam, _ = top_eigenvalues(f, {"y": y}, k=3)        # top of the activation-space Hessian
+
+    With ``on="input"`` on a BatchNorm layer, ``f`` is Santurkar et al.'s ``L̂(y)`` of the BN
+    input; with ``on="output"`` it is ``L(z)`` of the BN output ``z = γŷ + β``
+    (:mod:`bnlab.theory`). The module must run exactly once per forward pass (a shared module
+    is refused). Only the path through ``module`` depends on ``y'``: a skip connection that
+    reads the module's input directly still sees the original tensor.
+
+    Args:
+        model: the network.
+        batch: ``(x, y)`` or a dict batch (:func:`bnlab.adapters.split_batch`).
+        loss_fn: ``loss_fn(logits, labels)``, or ``None`` for the model's own ``output.loss``.
+        module: a submodule of ``model`` (the identical object).
+        on: ``"output"`` (default) or ``"input"`` (the module's first positional input).
+
+    Returns:
+        ``(f, y)``: the closure and the activation tensor at which it is evaluated.
+
+    Raises:
+        UserError: ``module`` is not a submodule of ``model``, runs other than once per forward
+            pass, gives a non-tensor, or ``on`` is not ``"output"``/``"input"``.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        >>> batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+        >>> f, z = layer_output_closure(net, batch, nn.functional.cross_entropy, net[1])
+        >>> q = quadratic_form(f, {"y": z})  # gᵀHg/‖g‖² w.r.t. the BN output
+    """
+    if on not in ("output", "input"):
+        raise UserError(f"on must be 'output' or 'input', got {on!r}")
+    if not any(m is module for m in model.modules()):
+        raise UserError(f"module {type(module).__name__} is not a submodule of the model")
+    f_params, params = model_loss_closure(model, batch, loss_fn)
+    consts = {k: v.detach() for k, v in params.items()}
+
+    def _hook(action):
+        if on == "output":
+            return module.register_forward_hook(lambda mod, inp, out: action(out))
+        return module.register_forward_pre_hook(lambda mod, inp: action(inp[0] if inp else None))
+
+    seen: list = []
+    handle = _hook(lambda t: seen.append(t))
+    try:
+        with torch.no_grad():
+            f_params(consts)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise UserError(f"module {type(module).__name__} runs {len(seen)} times in a forward pass; "
+                        "layer_output_closure needs a module that runs exactly once")
+    if not isinstance(seen[0], Tensor):
+        raise UserError(f"the {on} of module {type(module).__name__} is a {type(seen[0]).__name__}, not a tensor")
+    y0 = seen[0].detach().clone()
+
+    def f(new) -> Tensor:
+        y_new = new["y"] if isinstance(new, dict) else new
+        if on == "output":
+            h = module.register_forward_hook(lambda mod, inp, out: y_new)
+        else:
+            h = module.register_forward_pre_hook(lambda mod, inp: (y_new,) + tuple(inp[1:]))
+        try:
+            return f_params(consts)
+        finally:
+            h.remove()
+
+    return f, y0
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -806,8 +1142,8 @@ def model_state_preserved(model: nn.Module) -> Iterator[None]:
 
 def model_hvp(
     model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: Any,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]],
     v: dict[str, Tensor],
     *,
     method: HvpMethod = "auto",
@@ -817,12 +1153,14 @@ def model_hvp(
     ``H v`` with ``H`` the Hessian of ``loss_fn(model(x), y)`` with respect to the trainable
     parameters (names from ``model.named_parameters()``). Train-mode BatchNorm uses the batch's
     statistics; no parameter, buffer (running statistics, ``num_batches_tracked``), ``.grad``,
-    training flag or RNG state changes (see :func:`model_loss_closure`).
+    training flag or RNG state changes (see :func:`model_loss_closure`). Dropout in train mode
+    draws one set of masks (from the current RNG state) used by every evaluation, and ``H`` is
+    the Hessian of the loss with those masks; the attention math backend is used inside.
 
     Args:
         model: the network.
-        batch: ``(x, y)``.
-        loss_fn: ``loss_fn(logits, y) -> scalar``.
+        batch: ``(x, y)`` or a dict of model inputs (:mod:`bnlab.adapters`).
+        loss_fn: ``loss_fn(logits, y) -> scalar``; ``None``: the model's own ``output.loss``.
         v: direction, a dict keyed by trainable parameter name.
         method: HVP method, see :func:`hvp`.
 
@@ -843,8 +1181,8 @@ def model_hvp(
 
 def model_quadratic_form(
     model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: Any,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     v: Optional[dict[str, Tensor]] = None,
     *,
     method: HvpMethod = "auto",
@@ -856,8 +1194,8 @@ def model_quadratic_form(
 
     Args:
         model: the network.
-        batch: ``(x, y)``.
-        loss_fn: ``loss_fn(logits, y) -> scalar``.
+        batch: ``(x, y)`` or a dict of model inputs (:mod:`bnlab.adapters`).
+        loss_fn: ``loss_fn(logits, y) -> scalar``; ``None``: the model's own ``output.loss``.
         v: direction keyed by trainable parameter name, or ``None`` for the batch gradient.
         method: HVP method, see :func:`hvp`.
 
@@ -877,8 +1215,8 @@ def model_quadratic_form(
 
 def model_top_eigenvalues(
     model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: Any,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     k: int = 1,
     **kwargs,
 ) -> tuple[Tensor, EigenInfo]:
@@ -886,8 +1224,8 @@ def model_top_eigenvalues(
 
     Args:
         model: the network.
-        batch: ``(x, y)``.
-        loss_fn: ``loss_fn(logits, y) -> scalar``.
+        batch: ``(x, y)`` or a dict of model inputs (:mod:`bnlab.adapters`).
+        loss_fn: ``loss_fn(logits, y) -> scalar``; ``None``: the model's own ``output.loss``.
         k: number of eigenvalues.
         **kwargs: ``tol``, ``max_iter``, ``seed``, ``which``, ``method``,
             ``return_eigenvectors`` as in :func:`top_eigenvalues`.
@@ -908,8 +1246,8 @@ def model_top_eigenvalues(
 
 def model_hessian_trace(
     model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: Any,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     n_samples: int = 100,
     **kwargs,
 ) -> TraceEstimate:
@@ -917,8 +1255,8 @@ def model_hessian_trace(
 
     Args:
         model: the network.
-        batch: ``(x, y)``.
-        loss_fn: ``loss_fn(logits, y) -> scalar``.
+        batch: ``(x, y)`` or a dict of model inputs (:mod:`bnlab.adapters`).
+        loss_fn: ``loss_fn(logits, y) -> scalar``; ``None``: the model's own ``output.loss``.
         n_samples: number of Rademacher vectors.
         **kwargs: ``seed``, ``method`` as in :func:`hessian_trace`.
 

@@ -13,7 +13,15 @@ name           shape               source
 ``cifar10``    (N, 3, 32, 32)      the official "python version" files in a local directory; read
                                    with a loader that cannot execute code; ``download=True`` fetches.
 ``synthetic``  (N, *in_shape)      a seeded random teacher network labels Gaussian inputs; for tests.
+``cifar10-     (N, 3, 32, 32)      a stand-in with CIFAR-10's shape, uint8 format and normalization
+synthetic``                        (:func:`synthetic_cifar10_images`); smoke runs and benchmarks.
 =============  ==================  ================================================================
+
+The paper pipeline (:mod:`bnlab.paper`): ``cifar10``'s training split with ``augment=True`` is an
+:class:`AugmentedData`, the whole set one tensor on the device, each shuffled batch randomly
+cropped (4-pixel padding) and flipped by :func:`crop_flip`, batched tensor indexing with draws from
+the batch order's generator; a smoke run's ``cifar10`` is a few hundred images (the real ones when
+present, else the synthetic stand-in).
 """
 
 from __future__ import annotations
@@ -302,16 +310,156 @@ def _load_mnist1d(*, split: str, root=None, seed: int = 0, num_samples: int = 50
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CIFAR10_BLACK = tuple(-m / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD))
+"""A black pixel (0) after CIFAR-10's normalization, per channel: what a 4-pixel pad adds."""
+
+
+def normalize_cifar10(images: np.ndarray) -> np.ndarray:
+    """uint8 images ``(N, 3, 32, 32)`` to float32 ``(x / 255 - mean_c) / std_c`` (CIFAR-10's statistics)."""
+    x = images.astype(np.float32) / 255.0
+    return (x - np.array(CIFAR10_MEAN, np.float32)[:, None, None]) / np.array(CIFAR10_STD, np.float32)[:, None, None]
+
+
+def synthetic_cifar10_images(split: str = "train", n: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A stand-in for CIFAR-10 with its shape and format: uint8 images ``(n, 3, 32, 32)`` and labels 0..9.
+
+    Each class has a random smooth colour pattern (a 4x4 grid of colours, upsampled); an image is
+    its class's pattern shifted by up to 4 pixels, mixed with uniform pixel noise, rounded to
+    uint8. Learnable, but nothing like natural images: for smoke runs and benchmarks only.
+    ``n`` defaults to CIFAR-10's split size (50000 train, 10000 test); the two splits are disjoint
+    draws of one seeded generator.
+    """
+    if split not in SPLITS:
+        raise unknown_name("split", split, SPLITS)
+    n = (50000 if split == "train" else 10000) if n is None else int(n)
+    check_positive("synthetic cifar10 n", n)
+    rng = np.random.default_rng([seed, 0])
+    templates = np.kron(rng.uniform(0, 255, (10, 3, 4, 4)), np.ones((1, 1, 8, 8)))  # (10, 3, 32, 32)
+    rng = np.random.default_rng([seed, 1 if split == "train" else 2])
+    labels = rng.integers(0, 10, n)
+    shifts = rng.integers(-4, 5, (n, 2))
+    noise = rng.uniform(0, 255, (n, 3, 32, 32))
+    images = np.empty((n, 3, 32, 32), np.uint8)
+    for k in range(10):  # per class, not per image
+        idx = np.nonzero(labels == k)[0]
+        for dy in range(-4, 5):
+            for dx in range(-4, 5):
+                sel = idx[(shifts[idx, 0] == dy) & (shifts[idx, 1] == dx)]
+                if sel.size:
+                    shifted = np.roll(templates[k], (dy, dx), axis=(1, 2))
+                    images[sel] = np.rint(0.6 * shifted + 0.4 * noise[sel]).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+def crop_flip(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, *, pad: int = 4, fill=None) -> torch.Tensor:
+    """Random-crop-with-padding and horizontal flip of a batch, as tensor operations (no per-image Python).
+
+    Image ``i`` is padded by ``pad`` pixels of ``fill`` (per channel; default 0) on every side, the
+    ``H x W`` window at row ``offsets[i, 0]``, column ``offsets[i, 1]`` (each in ``0..2 pad``) is cut
+    out, and its columns are reversed when ``flips[i]``:
+    ``out[i, c, r, k] = padded[i, c, offsets[i,0] + r, offsets[i,1] + (W-1-k if flips[i] else k)]``.
+
+    Args:
+        x: ``(B, C, H, W)`` images.
+        offsets: ``(B, 2)`` integer crop offsets.
+        flips: ``(B,)`` booleans.
+        pad: the padding width.
+        fill: ``C`` pad values (e.g. :data:`CIFAR10_BLACK` for normalized CIFAR-10), or ``None`` for 0.
+    """
+    b, c, h, w = x.shape
+    padded = x.new_zeros((b, c, h + 2 * pad, w + 2 * pad))
+    if fill is not None:
+        padded += torch.as_tensor(fill, dtype=x.dtype, device=x.device).view(1, c, 1, 1)
+    padded[:, :, pad:pad + h, pad:pad + w] = x
+    offsets = offsets.to(x.device)
+    rows = offsets[:, 0:1] + torch.arange(h, device=x.device)  # (B, H)
+    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)  # (B, W)
+    cols = torch.where(flips.to(x.device).view(b, 1), cols.flip(1), cols)
+    bi = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    ci = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[bi, ci, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+def draw_crop_flip(b: int, *, pad: int = 4, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random draws of :func:`crop_flip` for ``b`` images: offsets uniform in ``0..2 pad`` (rows,
+    then columns), then flips with probability 1/2, from ``generator`` (on the CPU: the same draws
+    on every device)."""
+    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=generator)
+    flips = torch.randint(0, 2, (b,), generator=generator).bool()
+    return offsets, flips
+
+
+class AugmentedData(ArrayData):
+    """A training set whose shuffled batches are augmented: the standard CIFAR-10 augmentation.
+
+    The whole set stays a tensor on its device (``.to(device)``); each batch that
+    :meth:`batches` draws with ``shuffle=True`` gets a random crop with ``pad``-pixel padding and a
+    random horizontal flip (:func:`crop_flip`), with draws from the batch order's ``generator``
+    (so a seeded run is reproducible, and replaying the stream replays the augmentation).
+    Unshuffled passes (evaluation) see the plain images.
+
+    Args:
+        data: the training set.
+        pad: the padding width (4: the standard augmentation).
+        fill: the pad value per channel in the data's units (normalized black for CIFAR-10).
+    """
+
+    def __init__(self, data: ArrayData, *, pad: int = 4, fill=None):
+        super().__init__(data.x, data.y, data.num_classes, data.name, data.split)
+        self.pad = int(pad)
+        self.fill = tuple(fill) if fill is not None else None
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "AugmentedData":
+        return AugmentedData(ArrayData.to(self, device, dtype), pad=self.pad, fill=self.fill)
+
+    def subset(self, n: int) -> "AugmentedData":
+        return AugmentedData(ArrayData.subset(self, n), pad=self.pad, fill=self.fill)
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in super().batches(batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last):
+            if shuffle:
+                offsets, flips = draw_crop_flip(x.shape[0], pad=self.pad, generator=generator)
+                x = crop_flip(x, offsets, flips, pad=self.pad, fill=self.fill)
+            yield x, y
+
+
+def _cifar10_data(images: np.ndarray, labels: np.ndarray, split: str, name: str, augment: bool) -> ArrayData:
+    data = _to_data(normalize_cifar10(images), labels, 10, name, split)
+    return AugmentedData(data, pad=4, fill=CIFAR10_BLACK) if augment and split == "train" else data
 
 
 @register_dataset("cifar10")
-def _load_cifar10(*, split: str, root=None, seed: int = 0, download: bool = False) -> ArrayData:
+def _load_cifar10(*, split: str, root=None, seed: int = 0, download: bool = False, augment: bool | None = None) -> ArrayData:
+    """CIFAR-10 from ``root`` (default: the paper settings' root, else the data dir).
+
+    In a smoke run (:mod:`bnlab.paper`) the first ``SMOKE_TRAIN``/``SMOKE_TEST`` images of the
+    real set when it is in ``root``, else :func:`synthetic_cifar10_images` (named
+    ``cifar10-synthetic``). ``augment`` (default: the paper settings'): the training split is an
+    :class:`AugmentedData`.
+    """
+    from . import paper
     from ._cifar import load_cifar10
 
-    images, labels = load_cifar10(root, split, download=download)
-    x = images.astype(np.float32) / 255.0
-    x = (x - np.array(CIFAR10_MEAN, np.float32)[:, None, None]) / np.array(CIFAR10_STD, np.float32)[:, None, None]
-    return _to_data(x, labels, 10, "cifar10", split)
+    settings = paper.current()
+    where = paper.cifar10_root(root)
+    augment = settings.augment if augment is None else bool(augment)
+    if settings.smoke:
+        n = paper.SMOKE_TRAIN if split == "train" else paper.SMOKE_TEST
+        if paper.cifar10_present(where):
+            images, labels = load_cifar10(where, split)
+            return _cifar10_data(images[:n], labels[:n], split, "cifar10", augment)
+        images, labels = synthetic_cifar10_images(split, n, seed=0)
+        return _cifar10_data(images, labels, split, "cifar10-synthetic", augment)
+    images, labels = load_cifar10(where, split, download=download or settings.download)
+    return _cifar10_data(images, labels, split, "cifar10", augment)
+
+
+@register_dataset("cifar10-synthetic")
+def _load_synthetic_cifar10(*, split: str, root=None, seed: int = 0, n: int | None = None, augment: bool = False) -> ArrayData:
+    """:func:`synthetic_cifar10_images` normalized like CIFAR-10 (50000/10000 images by default)."""
+    images, labels = synthetic_cifar10_images(split, n, seed=seed)
+    return _cifar10_data(images, labels, split, "cifar10-synthetic", augment)
 
 
 @register_dataset("synthetic")

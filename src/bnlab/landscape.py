@@ -292,8 +292,8 @@ def probe_along_gradient(
 
 def probe_model_along_gradient(
     model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: Any,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]],
     step_sizes: Union[Sequence[float], Tensor],
     *,
     grad: Optional[dict[str, Tensor]] = None,
@@ -303,16 +303,20 @@ def probe_model_along_gradient(
 ) -> GradientLineScan:
     """:func:`probe_along_gradient` for the batch loss of ``model``; the model is left unchanged.
 
-    The loss is ``loss_fn(model(x), y)`` as a function of the trainable parameters, built by
+    The loss is ``loss_fn(model(x), y)`` (or the model's ``output.loss`` on a dict batch) as a
+    function of the trainable parameters, built by
     :func:`bnlab.curvature.model_loss_closure`: BatchNorm layers in train mode normalize each
     probe point with the batch's own statistics (as the training step does) and update no
     running statistic, also under ``vmap``. No parameter, buffer, ``.grad``, training flag or RNG
-    state changes.
+    state changes. Dropout in train mode draws the same masks at every probe point (the RNG state
+    is fixed per call, see :func:`bnlab.curvature.model_loss_closure`); random layers cannot run
+    under ``vmap``, so ``"auto"`` then loops. Batches may be dicts and outputs ``ModelOutput`` objects
+    (:mod:`bnlab.adapters`); attention runs on the math backend.
 
     Args:
         model: the network.
-        batch: ``(x, y)``.
-        loss_fn: ``loss_fn(logits, y) -> scalar``.
+        batch: ``(x, y)`` or a dict of model inputs (see :mod:`bnlab.adapters`).
+        loss_fn: ``loss_fn(logits, y) -> scalar``; ``None``: the model's own ``output.loss``.
         step_sizes: the step sizes ``s``.
         grad: ``∇L_B(w)`` keyed by trainable parameter name, if known; at the ``after_backward``
             event of a step it is ``{n: p.grad for n, p in model.named_parameters()
@@ -403,8 +407,8 @@ def relative_loss_of(f: LossClosure, params: dict[str, Tensor], alphas: Any, *, 
 
 def relative_loss(
     model: nn.Module,
-    batch: tuple[Tensor, Tensor],
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    batch: Any,
+    loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]],
     alphas: Any,
     *,
     train_mode: bool = True,
@@ -412,20 +416,22 @@ def relative_loss(
 ) -> Tensor:
     """``L_B(w - α ∇L_B(w)) / L_B(w)`` of ``model`` on one batch for each ``α``; the model is unchanged.
 
-    ``L_B(w) = loss_fn(model(x; w), y)`` on the same batch ``(x, y)`` at every point, the closure
+    ``L_B(w) = loss_fn(model(x; w), y)`` (or a dict batch, :mod:`bnlab.adapters`) on the same batch at every point, the closure
     of :func:`bnlab.curvature.model_loss_closure`. With ``train_mode`` (default) the loss is
     taken in training mode whatever the model's current mode: BatchNorm normalizes with the
     statistics of the batch under the weights being evaluated (``w`` or ``w - α g``), as during
     training; its running statistics are neither used nor updated. Parameters, buffers,
     ``.grad``, every module's training flag and the RNG state are the same afterwards. Frozen
     parameters (``requires_grad=False``) do not move. Stochastic layers (dropout in train mode)
-    draw a new mask at every evaluation and cannot run under ``vmap`` (``"auto"`` then loops);
-    use ``train_mode=False`` on a model in eval mode to measure without them.
+    draw the same masks at every evaluation (the RNG state is fixed per call, see
+    :func:`bnlab.curvature.model_loss_closure`) and cannot run under ``vmap`` (``"auto"`` then
+    loops); use ``train_mode=False`` on a model in eval mode to measure without them.
 
     Args:
         model: the network.
-        batch: ``(x, y)``.
-        loss_fn: ``loss_fn(logits, y) -> scalar``, e.g. ``F.cross_entropy``.
+        batch: ``(x, y)`` or a dict of model inputs (see :mod:`bnlab.adapters`).
+        loss_fn: ``loss_fn(logits, y) -> scalar``, e.g. ``F.cross_entropy``; ``None``: the
+            model's own ``output.loss`` (a Hugging Face model given ``labels``).
         alphas: step sizes ``α``.
         train_mode: evaluate in training mode (BN batch statistics); ``False`` keeps the model's
             current modes.

@@ -12,6 +12,22 @@ Example (a plain PyTorch loop)::
             optimizer.step()         # the monitor hooks the step: after_backward, then after_step
 
 or, without the context manager, call ``before_step``, ``after_backward``, ``after_step`` yourself.
+
+Example (a Hugging Face model, dict batches, the model's own loss)::
+
+    monitor = Monitor(model, optimizer, probes=[GradNorm(), TopHessianEigenvalue(every=50)], log=records)
+    for batch in loader:                      # {"input_ids": ..., "attention_mask": ..., "labels": ...}
+        with monitor.step(batch) as s:
+            optimizer.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            s.loss = loss
+            optimizer.step()
+
+The batch is handed to the probes as it is; probes evaluate the model on it through
+:mod:`bnlab.adapters` (``model(x)`` for ``(x, y)``, ``model(**batch)`` for a dict; logits from a
+tensor, a dict or a ``ModelOutput``). Without ``loss_fn`` they use ``F.cross_entropy`` on ``(x, y)``
+batches and the model's own ``output.loss`` on dict batches.
 """
 
 from __future__ import annotations
@@ -35,9 +51,11 @@ class _StepHandle:
 class Monitor:
     """Calls each probe at the events of a training step and collects one record per step.
 
-    Each probe call runs inside a guard that restores the global RNG state and the model's
-    training mode and, for probes that are not ``cheap``, the model's buffers (BN running
-    statistics) and every ``.grad``; probes must not change parameters or optimizer state.
+    Each probe call runs inside a guard that restores the global RNG state and, for probes that
+    are not ``cheap``, the model's training modes, its buffers (BN running statistics) and every
+    ``.grad``; probes must not change parameters or optimizer state. A probe is called only at the
+    events it implements (overrides) and where its schedule is active, so a cheap probe costs
+    little more than the reading it does (``benchmarks/probe_overhead.py``).
 
     Args:
         model: the model being trained.
@@ -46,7 +64,9 @@ class Monitor:
         log: where finished records go: a list (appended), a callable ``log(record)``, an object
             with ``.append_metrics(record)`` (a :class:`bnlab.runs.RunDir`) or ``.write(record)``,
             or ``None``.
-        loss_fn: handed to probes that need to evaluate the loss themselves.
+        loss_fn: handed to probes that need to evaluate the loss themselves, as
+            ``loss_fn(logits, labels)``; ``None``: ``F.cross_entropy`` for ``(x, y)`` batches, the
+            model's own ``output.loss`` for dict batches (:func:`bnlab.adapters.default_loss_fn`).
     """
 
     def __init__(
@@ -151,16 +171,19 @@ class Monitor:
     def _run(self, event: str) -> None:
         ctx = self._ctx
         for probe in self.probes:
-            if probe.active(ctx.step):
+            if _handles(probe, event) and probe.active(ctx.step):
                 self._record.update(self._guarded(probe, event, ctx))
 
     def _guarded(self, probe: Probe, event: str, ctx: StepContext) -> dict:
+        # A cheap probe only reads tensors: its guard restores the RNG (microseconds) and nothing
+        # else; the others also get the training modes, the buffers and every .grad restored.
         model = self.model
+        cheap = probe.cost == "cheap"
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-        modes = [m.training for m in model.modules()]
+        modes = None if cheap else [m.training for m in model.modules()]
         saved_buffers = saved_grads = None
-        if probe.cost != "cheap":
+        if not cheap:
             saved_buffers = [b.detach().clone() for b in model.buffers()]
             saved_grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
         try:
@@ -169,8 +192,9 @@ class Monitor:
             torch.set_rng_state(rng)
             if cuda_rng is not None:
                 torch.cuda.set_rng_state_all(cuda_rng)
-            for m, mode in zip(model.modules(), modes):
-                m.training = mode
+            if modes is not None:
+                for m, mode in zip(model.modules(), modes):
+                    m.training = mode
             if saved_buffers is not None:
                 with torch.no_grad():
                     for b, s in zip(model.buffers(), saved_buffers):
@@ -188,6 +212,11 @@ class Monitor:
 
     def _emit(self, record: dict) -> None:
         emit(self._log, record)
+
+
+def _handles(probe: Probe, event: str) -> bool:
+    """Whether ``probe`` overrides the event method (the base class's ones return ``None``)."""
+    return event in vars(probe) or getattr(type(probe), event) is not getattr(Probe, event)
 
 
 def emit(log, record: dict) -> None:

@@ -273,6 +273,8 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._metrics = None
+        #: extra sinks (:mod:`bnlab.sinks`: TensorBoard, W&B, MLflow) that receive every metrics record
+        self.sinks: list = []
 
     # -------------------------------------------------------------- creation / lookup
     @classmethod
@@ -326,6 +328,12 @@ class RunDir:
             yield run
         except BaseException:
             run.close_metrics()
+            if run.sinks:  # close them (no background process left), without sending figures
+                from .sinks import FanOut
+
+                sinks, run.sinks = run.sinks, []
+                with contextlib.suppress(Exception):
+                    FanOut(sinks).close()
             shutil.rmtree(run.path, ignore_errors=True)
             for p in reversed(created):
                 try:
@@ -341,6 +349,26 @@ class RunDir:
             self._metrics = open(self.path / "metrics.jsonl.partial", "a", encoding="utf-8")
         self._metrics.write(json.dumps(record, default=to_jsonable, allow_nan=True, separators=(",", ":")) + "\n")
         self._metrics.flush()  # readable while the run goes on (tail -f, run.metrics())
+        for sink in self.sinks:
+            sink.log(record)
+
+    def attach_sinks(self, sinks) -> None:
+        """Send every later metrics record to ``sinks`` too (:mod:`bnlab.sinks`); they are closed by
+        :meth:`finish` (or :meth:`close_sinks`), after the figures are sent to those that take images."""
+        self.sinks.extend(sinks)
+
+    def close_sinks(self) -> None:
+        """Send the figures to the sinks that take images, then close every sink (idempotent)."""
+        sinks, self.sinks = self.sinks, []
+        if not sinks:
+            return
+        from .sinks import FanOut, log_figures
+
+        fan = FanOut(sinks)
+        try:
+            log_figures(sinks, self.path / "figures")
+        finally:
+            fan.close()
 
     def write_json(self, name: str, obj: Any) -> Path:
         """Atomically write ``obj`` as ``<run>/<name>``."""
@@ -373,8 +401,10 @@ class RunDir:
         return d / name
 
     def finish(self, summary: Optional[dict] = None) -> None:
-        """Close the metrics stream, write ``summary`` (if given) as summary.json, then the ``complete`` marker (last)."""
+        """Close the metrics stream and the sinks, write ``summary`` (if given) as summary.json, then the
+        ``complete`` marker (last)."""
         self.close_metrics()
+        self.close_sinks()
         partial = self.path / "metrics.jsonl.partial"
         if partial.exists():
             os.replace(partial, self.path / "metrics.jsonl")

@@ -38,6 +38,8 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from .adapters import compute_loss, is_dict_batch
+from .adapters import forward as adapter_forward
 from .errors import UserError, check_positive
 from .functional import stateless_call
 
@@ -194,13 +196,20 @@ class _Float64Copy:
     stochastic layers (dropout) draw the same masks every time and the global RNG is untouched.
     """
 
-    def __init__(self, model: torch.nn.Module, batch: Any, loss_fn: Callable, seed: int, zero_norm_eps: bool) -> None:
+    def __init__(self, model: torch.nn.Module, batch: Any, loss_fn: Optional[Callable], seed: int,
+                 zero_norm_eps: bool) -> None:
         if not isinstance(model, torch.nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not callable(loss_fn):
+        if loss_fn is not None and not callable(loss_fn):
             raise UserError(f"loss_fn must be callable as loss_fn(output, y), got {type(loss_fn).__name__}")
-        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
-            raise UserError(f"batch must be a pair (x, y), got {type(batch).__name__}")
+        if is_dict_batch(batch):
+            if not batch:
+                raise UserError("batch must be a pair (x, y) or a non-empty dict of model inputs, got an empty dict")
+        elif not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise UserError(f"batch must be a pair (x, y) or a dict of model inputs, got {type(batch).__name__}")
+        elif loss_fn is None:
+            raise UserError("loss_fn is required with an (x, y) batch (None means the model's own output.loss, "
+                            "for dict batches)")
         try:
             self.model = copy.deepcopy(model)
         except Exception as exc:  # noqa: BLE001 - any failure means we cannot work on a copy
@@ -214,11 +223,12 @@ class _Float64Copy:
             p.grad = None
             p.requires_grad_(True)
         self.params = dict(self.model.named_parameters())
-        self.x, self.y = _to_float64(batch[0]), _to_float64(batch[1])
+        self.batch = _to_float64(dict(batch) if is_dict_batch(batch) else tuple(batch))
         self.loss_fn = loss_fn
         self.seed = seed
+        inputs = self.batch.values() if isinstance(self.batch, dict) else self.batch
         devices = {p.device for p in self.params.values()} | {
-            t.device for t in (self.x, self.y) if isinstance(t, torch.Tensor)
+            t.device for t in inputs if isinstance(t, torch.Tensor)
         }
         self._cuda = [d.index or 0 for d in devices if d.type == "cuda"]
 
@@ -226,7 +236,7 @@ class _Float64Copy:
         """``L`` at the copy's current parameters (with autograd on or off, whatever the caller's mode)."""
         with torch.random.fork_rng(devices=self._cuda), torch.set_grad_enabled(grad):
             torch.manual_seed(self.seed)
-            out = self.loss_fn(self.model(self.x), self.y)
+            out = compute_loss(adapter_forward(self.model, self.batch), self.batch, self.loss_fn)
             if not isinstance(out, torch.Tensor) or out.numel() != 1:
                 raise UserError("loss_fn(model(x), y) must return a scalar tensor")
             return out.reshape(())
@@ -301,7 +311,7 @@ def _resolve(
 def find_scale_invariant(
     model: torch.nn.Module,
     batch: Any,
-    loss_fn: Callable,
+    loss_fn: Optional[Callable] = None,
     *,
     scales: Sequence[float] = (0.5, 2.0, 7.3),
     tol: float = 1e-4,
@@ -334,6 +344,24 @@ def find_scale_invariant(
     * BatchNorm's ``γ`` feeding a conv/linear -> BN through a positively homogeneous map (no
       ReLU, or a ReLU while ``β = 0``): invariant as a whole, not per channel; ``β``: never.
 
+    Transformers (tested on tiny Hugging Face models, tests/integrations/test_transformers.py):
+
+    * **QK-LayerNorm** (query and key projections without bias, each followed by a LayerNorm
+      over the head dimension without bias, as in ViT-22B; RMSNorm behaves the same): the query and key
+      projection weights are found, as a whole (not per row: LayerNorm mixes the rows of a
+      head). ``q = LN(W_q x)`` does not change when ``W_q`` is scaled, and nothing else reads
+      ``W_q``. In a block whose residual sum ``x + o(attn(x))`` goes straight into a LayerNorm,
+      the token embedding is found too: with ``q``, ``k`` normalized, attention ignores the scale
+      of ``x``, ``v`` and the output scale with it, and the LayerNorm removes that scale.
+    * **Post-LN BERT** (``BertForSequenceClassification``): none. Every LayerNorm there
+      normalizes ``x + F(x)``, the residual stream plus the sub-layer's output: scaling the
+      weights of ``F`` scales only the second term, so the input of the norm changes direction,
+      not just length. And every projection has a bias (``W x + b`` is not positively homogeneous
+      in ``W``), the LayerNorms have a bias ``β``, and attention logits are quadratic in the
+      query/key scale (softmax is not scale-invariant). The embedding LayerNorm normalizes a sum of
+      three embeddings; its ``γ``/``β`` feed attention and the residual stream. A pre-LN GPT-2
+      likewise has none.
+
     Excluded although ``L(c w) = L(w)`` holds trivially:
 
     * tensors the loss does not depend on: a bias right before BatchNorm, a ``β`` whose shift
@@ -358,8 +386,10 @@ def find_scale_invariant(
 
     Args:
         model: any ``nn.Module``; ``model(x)`` gives the output ``loss_fn`` expects.
-        batch: ``(x, y)``; floating tensors are converted to float64.
-        loss_fn: ``loss_fn(model(x), y) -> scalar tensor``.
+        batch: ``(x, y)``, or a dict of model inputs (``model(**batch)``, Hugging Face style, see
+            :mod:`bnlab.adapters`); floating tensors are converted to float64.
+        loss_fn: ``loss_fn(model(x), y) -> scalar tensor`` (a ``ModelOutput``'s ``logits`` are
+            passed); ``None`` with a dict batch: the model's own ``output.loss``.
         scales: the factors ``c > 0`` (``!= 1``) to test.
         tol: the largest relative change of the loss and of the rescaled gradient accepted as
             "unchanged".
@@ -456,7 +486,7 @@ def find_scale_invariant(
 def check_scale_invariance(
     model: torch.nn.Module,
     batch: Any,
-    loss_fn: Callable,
+    loss_fn: Optional[Callable],
     groups: Optional[Iterable] = None,
     *,
     scales: Sequence[float] = (0.5, 2.0),
@@ -479,8 +509,9 @@ def check_scale_invariance(
 
     Args:
         model: any ``nn.Module``.
-        batch: ``(x, y)``.
-        loss_fn: ``loss_fn(model(x), y) -> scalar tensor``.
+        batch: ``(x, y)`` or a dict of model inputs (:mod:`bnlab.adapters`).
+        loss_fn: ``loss_fn(model(x), y) -> scalar tensor``; ``None`` with a dict batch: the
+            model's own ``output.loss``.
         groups: :class:`ScaleInvariantGroup` s, parameter names or parameters of ``model``;
             ``None`` runs :func:`find_scale_invariant` first.
         scales: the factors ``c > 0`` (``!= 1``).

@@ -12,7 +12,8 @@ from bnlab.models.noisy import NoisyBatchNorm
 
 SHAPES = [(1, 8, 8), (1, 40), (3, 32, 32)]
 SMALL = {"mlp": dict(width=16, depth=2), "convnet": dict(width=4), "vgg": dict(width=4, depth=11), "preresnet": dict(width=4, depth=8),
-         "dln": dict(width=8, depth=3)}  # models registered elsewhere (dln: by bnlab.models.linear) run with their defaults otherwise
+         "dln": dict(width=8, depth=3),
+         "resnet18": dict(width=8)}  # models registered elsewhere (dln: by bnlab.models.linear) run with their defaults otherwise
 NORM_TYPES = {"bn": (nn.BatchNorm1d, nn.BatchNorm2d), "ln": (nn.LayerNorm, nn.GroupNorm), "gn": (nn.GroupNorm,), "bn-noisy": (NoisyBatchNorm,),
               "l1": (LpBatchNorm,), "l2": (LpBatchNorm,), "linf": (LpBatchNorm,)}
 
@@ -103,7 +104,7 @@ def test_seed_gives_same_init_and_leaves_global_rng_alone():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(name="resnet"), "unknown model 'resnet'; accepted: convnet, (.+, )?mlp, preresnet, vgg"),
+    (dict(name="resnet"), "unknown model 'resnet'; accepted: convnet, (.+, )?mlp, preresnet, (.+, )?vgg"),
     (dict(name="convnet", norm="xn"), "unknown norm 'xn'; accepted: bn, bn-noisy, gn, l1, l2, linf, ln, none"),
     (dict(name="convnet", colour=1), "no option 'colour'"),
     (dict(name="preresnet", depth=21), "6n\\+2"),

@@ -30,6 +30,8 @@ from . import activations as _activations  # noqa: E402,F401
 from . import landscape as _landscape  # noqa: E402,F401
 from . import ics as _ics  # noqa: E402,F401
 from . import toy as _toy  # noqa: E402,F401
+from . import bn_theory as _bn_theory  # noqa: E402,F401
+from . import spectrum as _spectrum  # noqa: E402,F401
 
 __all__ = [
     "HOLDS", "FAILS", "INCONCLUSIVE", "PROFILES", "SOURCES", "EXPERIMENTS", "Claim", "Context", "Experiment",

@@ -71,6 +71,13 @@ SOURCES: dict[str, dict[str, str]] = {
         "thesis": "With weight decay, the angular update per step of a scale-invariant weight settles at an "
                   "equilibrium √(2ηλ/(1+γ)).",
     },
+    "Ghorbani, Krishnan, Xiao 2019": {
+        "title": "An Investigation into Neural Net Optimization via Hessian Eigenvalue Density",
+        "venue": "ICML 2019",
+        "thesis": "Without BatchNorm the Hessian has isolated outlier eigenvalues far from the bulk and the gradient "
+                  "concentrates in their eigenspace; BatchNorm in train mode suppresses them; with population statistics "
+                  "(eval mode) they return.",
+    },
 }
 
 

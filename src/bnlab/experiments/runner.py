@@ -28,28 +28,57 @@ from .base import (INCONCLUSIVE, PROFILES, Context, EXPERIMENTS, Experiment, Ver
 VERDICTS = "verdicts.json"
 
 
-def resolve(name: str, profile: str = "quick", overrides: list[str] | None = None):
+def resolve(name: str, profile: str = "quick", overrides: list[str] | None = None, *, smoke: bool = False):
     """``(Config, Thresholds)`` of experiment ``name`` at ``profile`` with ``--set`` overrides applied.
 
     A key may name a ``Config`` field (changes the run, and its hash) or a ``Thresholds`` field
-    (changes only the verdicts).
+    (changes only the verdicts). ``smoke`` (paper profile only): the profile cut down by
+    :func:`bnlab.paper.smoke_config` before the overrides.
     """
     exp = get_experiment(name)
     if profile not in PROFILES:
         raise unknown_name("profile", profile, PROFILES)
+    check_smoke(profile, smoke)
     cfg_changes, th_changes = parse_settings(overrides, exp.Config, exp.Thresholds)
-    return replace(exp.profiles[profile], cfg_changes), replace(exp.registered_thresholds(profile), th_changes)
+    base = exp.profiles[profile]
+    if smoke:
+        from .. import paper
+
+        base = paper.smoke_config(base, exp.profiles["tiny"])
+    return replace(base, cfg_changes), replace(exp.registered_thresholds(profile), th_changes)
 
 
-def config_record(name: str, profile: str, cfg) -> dict:
-    """What is hashed and stored as the run's configuration."""
-    return {"experiment": name, "profile": profile, **as_dict(cfg)}
+def check_smoke(profile: str, smoke: bool) -> None:
+    """``--smoke`` is for the paper profile only (the others are small already)."""
+    if smoke and profile != "paper":
+        raise UserError(f"--smoke applies to --profile paper only, got --profile {profile}")
 
 
-def resolve_config(name: str, profile: str = "quick", overrides: list[str] | None = None) -> dict:
+SMOKE_STATUS = "inconclusive (smoke run)"
+"""How a smoke run's verdicts read (their ``status`` is ``inconclusive``; ``smoke`` is true)."""
+
+
+def config_record(name: str, profile: str, cfg, paper_settings=None) -> dict:
+    """What is hashed and stored as the run's configuration. A paper run's also says whether the
+    training set is augmented (``augment``) and, for a smoke run, ``smoke``: its step cap and data
+    (a smoke run is never taken for a real one)."""
+    record = {"experiment": name, "profile": profile, **as_dict(cfg)}
+    if profile == "paper":
+        from .. import paper
+
+        settings, smoke_info = paper_run_settings(profile, paper_settings)
+        record["augment"] = "crop4+flip" if settings.augment else "none"
+        if smoke_info:
+            record["smoke"] = {**smoke_info, "data": smoke_data_source(settings) if paper.uses_cifar10(cfg)
+                               else "the profile's own"}
+    return record
+
+
+def resolve_config(name: str, profile: str = "quick", overrides: list[str] | None = None, paper_settings=None) -> dict:
     """The configuration record of ``name`` at ``profile`` with overrides (what names the run)."""
-    cfg, _ = resolve(name, profile, overrides)
-    return config_record(name, profile, cfg)
+    smoke = bool(paper_settings is not None and paper_settings.smoke)
+    cfg, _ = resolve(name, profile, overrides, smoke=smoke)
+    return config_record(name, profile, cfg, paper_settings)
 
 
 def judge_record(exp: Experiment, profile: str, summary: dict, th) -> dict:
@@ -64,9 +93,15 @@ def judge_record(exp: Experiment, profile: str, summary: dict, th) -> dict:
     if unknown:
         raise ValueError(f"experiment {exp.name!r}: verdicts for undeclared claims {sorted(unknown)}")
     rows = []
+    smoke = summary.get("smoke") if isinstance(summary, dict) else None
     for c in exp.claims:
         v = by_claim.get(c.id) or Verdict(c.id, INCONCLUSIVE, None, "not measured in this run", c.threshold)
-        rows.append({**dataclasses.asdict(c), **{k: val for k, val in dataclasses.asdict(v).items() if k != "claim"}})
+        row = {**dataclasses.asdict(c), **{k: val for k, val in dataclasses.asdict(v).items() if k != "claim"}}
+        if smoke:  # a smoke run tests the code path, never the claim: whatever the rule gave is only shown
+            row.update(status=INCONCLUSIVE, smoke=True, label=SMOKE_STATUS,
+                       detail=f"{smoke.get('label', 'smoke run')}; the rule on these numbers gives "
+                              f"{v.status}: {v.detail}")
+        rows.append(row)
     applied, registered = as_dict(th), as_dict(exp.registered_thresholds(profile))
     return {
         "experiment": exp.name, "profile": profile, "thresholds": applied, "registered": registered,
@@ -104,8 +139,23 @@ def run_experiment(
     progress: bool = True,
     single_thread: bool = True,
     max_memory: Optional[str] = None,
+    log=None,
+    paper_settings=None,
 ) -> tuple[RunDir, bool]:
     """Run (or reuse) one experiment: measure → judge → figures. Returns ``(run_dir, reused)``.
+
+    ``log`` names extra metrics sinks (``"tensorboard,wandb,mlflow"`` or a list, see
+    :mod:`bnlab.sinks`): a new run sends every metrics record to them and then its figures;
+    they write inside the run directory. ``metrics.jsonl`` is always written. A reused run sends
+    its stored metrics and figures to each sink whose folder it does not have yet.
+
+    ``paper_settings`` (a :class:`bnlab.paper.Settings`; for the paper profile): ``smoke`` runs the
+    profile cut down (:func:`bnlab.paper.smoke_config`, every training run capped at a few steps,
+    synthetic CIFAR-10-shaped data unless CIFAR-10 is in ``root``) and judges it ``inconclusive
+    (smoke run)``; without it the paper profile needs CIFAR-10 in ``root`` (or ``download``) and is
+    refused in one line otherwise. A paper run checkpoints every ``checkpoint_every`` steps
+    (default :data:`PAPER_CHECKPOINT_EVERY`; 0: never) under ``<out>/.bnlab-checkpoints/`` and
+    resumes from there when run again after a crash; the checkpoints are removed when it completes.
 
     A complete run with the same configuration hash under ``out`` is reused unless ``force``; if
     the thresholds asked for differ from those it was judged with, it is judged again (no
@@ -120,9 +170,20 @@ def run_experiment(
     """
     from ..train import resolve_device
 
+    from ..sinks import check_sinks, make_sinks, parse_sink_names, replay_run
+
+    from .. import paper
+
     exp = get_experiment(name)
-    cfg, th = resolve(name, profile, overrides)
-    record = config_record(name, profile, cfg)
+    settings, smoke_info = paper_run_settings(profile, paper_settings)
+    cfg, th = resolve(name, profile, overrides, smoke=settings.smoke)
+    record = config_record(name, profile, cfg, paper_settings)
+    if smoke_info:
+        smoke_info = {**record["smoke"], "label": paper.smoke_label(record["smoke"]["data"])}
+    elif profile == "paper" and paper.uses_cifar10(cfg):
+        paper.require_cifar10(settings.root, settings.download)  # one line saying where to put it, exit 2
+    sink_names = parse_sink_names(log)
+    check_sinks(sink_names)  # a missing package: one line, before anything is written
     dev = resolve_device(device)
     seed = getattr(cfg, "seed", None)
     if isinstance(seed, int):
@@ -140,6 +201,8 @@ def run_experiment(
             if prev.read_json(VERDICTS).get("thresholds") != as_dict(th):
                 prev.write_json(VERDICTS, judge_record(exp, profile, prev.read_json("summary.json"), th))
                 exp.figures(prev)  # figures that draw a threshold follow the one applied
+            if sink_names:  # --log on a reused run: its stored metrics and figures, once per sink
+                replay_run(prev, sink_names, name=f"{name}-{prev.path.name}", config=record)
             return prev, True
     import torch
 
@@ -149,15 +212,66 @@ def run_experiment(
     try:
         with RunDir.new(out, name, record, env=env_info(device=dev, seed=seed)) as run:
             run.write_json("experiment.json", exp.metadata())
-            summary = exp.measure(cfg, run, Context(device=str(dev), progress=progress, profile=profile))
+            if sink_names:
+                run.attach_sinks(make_sinks(sink_names, run.path, name=f"{name}-{run.path.name}", config=record))
+            ckdir = checkpoint_dir(out, name, record) if profile == "paper" and settings.checkpoint_every > 0 else None
+            if ckdir is not None and ckdir.is_dir() and any(ckdir.glob("train-*.pt")):
+                print(f"bnlab: resuming {name} from the checkpoints in {ckdir}", file=sys.stderr)
+            with paper.use(settings, checkpoint_dir=ckdir):
+                summary = exp.measure(cfg, run, Context(device=str(dev), progress=progress, profile=profile))
+            if smoke_info:
+                summary = {**summary, "smoke": smoke_info}
             run.close_metrics()
             run.write_json("summary.json", summary)
             run.write_json(VERDICTS, judge_record(exp, profile, run.read_json("summary.json"), th))
             exp.figures(run)
             run.finish()
+        if ckdir is not None:
+            import shutil
+
+            shutil.rmtree(ckdir, ignore_errors=True)  # the run is complete: its checkpoints are spent
     finally:
         torch.set_num_threads(threads)
     return run, False
+
+
+PAPER_CHECKPOINT_EVERY = 500
+"""Steps between two checkpoints of a paper run's training calls (a few seconds of work to redo)."""
+CHECKPOINTS = ".bnlab-checkpoints"
+
+
+def checkpoint_dir(out, name: str, record: dict) -> Path:
+    """Where a run's checkpoints go: ``<out>/.bnlab-checkpoints/<experiment>-<config hash>/``."""
+    from ..runs import config_hash
+
+    return Path(out) / CHECKPOINTS / f"{name}-{config_hash(record)}"
+
+
+def paper_run_settings(profile: str, given=None):
+    """``(settings, smoke_info)`` for a run: the paper settings in force during ``measure`` (the
+    standard augmentation and checkpoints for the paper profile; nothing for the others) and, for a
+    smoke run, what its verdicts and summary say about it."""
+    from .. import paper
+
+    s = given if given is not None else paper.Settings()
+    check_smoke(profile, s.smoke)
+    if profile != "paper":
+        return dataclasses.replace(s, augment=False, checkpoint_every=0, bf16=False, speed=False), {}
+    every = s.checkpoint_every if s.checkpoint_every is not None else (0 if s.smoke else PAPER_CHECKPOINT_EVERY)
+    s = dataclasses.replace(s, augment=True, checkpoint_every=every, speed=True)
+    if not s.smoke:
+        return s, {}
+    return s, {"steps": paper.SMOKE_STEPS, "batch": paper.SMOKE_BATCH}
+
+
+def smoke_data_source(settings) -> str:
+    """What a smoke run's CIFAR-10 is: a subset of the real set in ``root``, or the synthetic stand-in."""
+    from .. import paper
+
+    if paper.cifar10_present(settings.root):
+        return f"CIFAR-10 from {paper.cifar10_root(settings.root)} ({paper.SMOKE_TRAIN}/{paper.SMOKE_TEST} images)"
+    return (f"SYNTHETIC images with CIFAR-10's shape, format and normalization ({paper.SMOKE_TRAIN}/{paper.SMOKE_TEST} "
+            f"uint8 3x32x32 images; CIFAR-10 is not in {paper.cifar10_root(settings.root)})")
 
 
 def check_config_fits(cfg, device, max_memory: Optional[str] = None) -> None:

@@ -6,6 +6,7 @@
                global average pool, Linear. For 8x8, 1-D (length 40) and 32x32 inputs.
 ``vgg``        CIFAR-style VGG-11 / VGG-16 (``depth=11|16``), ``width`` = channels of the first stage.
 ``preresnet``  pre-activation ResNet of depth 6n+2 (20, 32, 56, 110), ``width`` = first stage.
+``resnet18``   ResNet-18 in torchvision's layout and parameter names (:mod:`bnlab.models.resnet`).
 =============  ===================================================================================
 
 Common options: ``affine`` (norm γ/β on or off), ``freeze_last`` (the classifier is fixed:
@@ -117,5 +118,6 @@ def norm_layers(model: nn.Module) -> list[nn.Module]:
 from . import convnets as _convnets  # noqa: E402,F401  (registers the models)
 from . import noisy as _noisy  # noqa: E402,F401  (registers the bn-noisy norm)
 from . import linear as _linear  # noqa: E402,F401  (registers the dln model)
+from . import resnet as _resnet  # noqa: E402,F401  (registers resnet18, torchvision's layout)
 
 __all__ = ["MODELS", "NORMS", "make", "register_model", "register_norm", "make_norm", "norm_layers", "kaiming_init", "freeze_classifier", "has_bias_before", "is_norm_layer"]

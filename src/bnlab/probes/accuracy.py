@@ -14,6 +14,7 @@ from typing import Callable, Union
 
 import torch
 
+from ..adapters import is_dict_batch, labels_of, logits_of, split_batch
 from ..functional import stateless_call
 from .base import Probe, StepContext
 
@@ -56,10 +57,17 @@ class TrainModeAccuracy(Probe):
     def after_backward(self, ctx: StepContext) -> dict:
         if ctx.batch is None:
             return {}
-        x, y = ctx.batch
+        batch = ctx.batch
         z = ctx.scratch.get(LOGITS_KEY)
         if z is None:
+            args, kwargs = split_batch(batch)  # (x, y) or a dict batch (bnlab.adapters)
             with torch.no_grad():
-                z = stateless_call(ctx.model, x)
+                z = logits_of(stateless_call(ctx.model, *args, **kwargs))
             ctx.scratch[LOGITS_KEY] = z
+        y = labels_of(batch)
+        if is_dict_batch(batch) and z.shape[:-1] == y.shape:
+            # per example or per token; HF's ignore index -100 left out. A causal LM that shifts its
+            # labels inside its loss is not shifted here: the accuracy is position-wise.
+            keep = y != -100
+            return {"acc": float((z.argmax(-1) == y)[keep].double().mean())}
         return {"acc": float((z.argmax(1) == y).double().mean())}

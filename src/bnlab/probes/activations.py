@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters import batch_to, compute_loss, default_loss_fn, logits_and_output_grad, split_batch
 from ..errors import UserError
 from ..functional import stateless_call
 from .base import Probe, StepContext
@@ -111,6 +112,29 @@ class ChannelStats:
 
 #: ``{layer name: ChannelStats}`` in forward order.
 LayerStats = dict
+
+
+def _fast_moments(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel ``(mean, std, absmax)`` of ``h`` as tensors on ``h``'s device, for the cheap probe.
+
+    The same quantities as :meth:`ChannelStats.of`, by fast vectorized reductions instead of a
+    transposed float64 copy and Welford's ``std_mean`` (10x faster on CPU): partial sums per
+    example and channel in ``h``'s dtype, added in float64; the variance two-pass, from the
+    output centred at the float32-rounded mean ``m'`` (``Var = E[(h - m')²] - (m - m')²``);
+    ``absmax = max(max h, -min h)``. Relative error ~1e-7 for float32 outputs.
+    """
+    h = h.detach()
+    if h.dim() == 1:
+        h = h[:, None]
+    n, c = h.shape[0], h.shape[1]
+    hv = h.reshape(n, c, -1)
+    count = hv.shape[0] * hv.shape[2]
+    mean = hv.sum(2).to(torch.float64).sum(0) / count
+    m_rounded = mean.to(h.dtype)
+    centred = torch.linalg.vector_norm(hv - m_rounded.view(1, c, 1), dim=2).to(torch.float64).square().sum(0) / count
+    var = (centred - (mean - m_rounded.to(torch.float64)).square()).clamp_min(0.0)
+    absmax = torch.maximum(hv.amax(dim=(0, 2)), -hv.amin(dim=(0, 2)))
+    return mean, var.sqrt(), absmax
 
 
 def _is_container(m: nn.Module) -> bool:
@@ -169,9 +193,10 @@ class _Recorder:
     change the forward pass.
     """
 
-    def __init__(self, model: nn.Module, layers: LayerSpec):
+    def __init__(self, model: nn.Module, layers: LayerSpec, *, fast: bool = False):
         self.model = model
         self.layers = select_layers(model, layers)
+        self.fast = fast  # store _fast_moments tuples (device tensors) instead of ChannelStats
         self.active = False
         self.stats: LayerStats = {}
         self._handles: list = []
@@ -199,7 +224,7 @@ class _Recorder:
                 k += 1
                 key = f"{name}#{k}"
             with torch.no_grad():
-                self.stats[key] = ChannelStats.of(out)
+                self.stats[key] = _fast_moments(out) if self.fast else ChannelStats.of(out)
             return None
 
         return hook
@@ -215,9 +240,10 @@ class _Recorder:
 
 
 @torch.no_grad()
-def _forward_stats(model: nn.Module, x: torch.Tensor, layers: LayerSpec, params=None, buffers=None) -> tuple[LayerStats, torch.Tensor]:
+def _forward_stats(model: nn.Module, x, layers: LayerSpec, params=None, buffers=None) -> tuple[LayerStats, torch.Tensor]:
+    args, kwargs = split_batch(x)  # an input tensor, an (x, y) batch or a dict batch (bnlab.adapters)
     with _Recorder(model, layers) as rec:
-        out = stateless_call(model, x, params=params, buffers=buffers)
+        out = stateless_call(model, *args, params=params, buffers=buffers, **kwargs)
     return rec.stats, out
 
 
@@ -263,14 +289,9 @@ def output_gradients(model: nn.Module, batch, loss_fn: Callable = F.cross_entrop
     return _logits_and_output_grad(model, batch, loss_fn, params)[1]
 
 
-def _logits_and_output_grad(model: nn.Module, batch, loss_fn: Callable, params: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = batch
-    with torch.no_grad():
-        z = stateless_call(model, x, params=params)
-    z = z.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (g,) = torch.autograd.grad(loss_fn(z, y), z)
-    return z.detach(), g.detach()
+def _logits_and_output_grad(model: nn.Module, batch, loss_fn: Optional[Callable], params: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # (x, y) or a dict batch; loss_fn None: the model's own output.loss (bnlab.adapters)
+    return logits_and_output_grad(model, batch, loss_fn, params=params)
 
 
 def gradient_alignment(g: torch.Tensor) -> dict[str, float]:
@@ -448,6 +469,20 @@ def _flat(stats: LayerStats, per_channel: bool) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- probes
+def _to_channel_stats(raw: dict) -> LayerStats:
+    """``{layer: (mean, std, absmax)}`` device tensors -> ``{layer: ChannelStats}`` (float64, CPU), one transfer."""
+    if not raw:
+        return {}
+    names = list(raw)
+    sizes = [raw[k][0].numel() for k in names]
+    flat = torch.cat([torch.cat([m, s, a.to(torch.float64)]) for m, s, a in raw.values()]).cpu()
+    out, i = {}, 0
+    for k, c in zip(names, sizes):
+        out[k] = ChannelStats(flat[i:i + c], flat[i + c:i + 2 * c], flat[i + 2 * c:i + 3 * c])
+        i += 3 * c
+    return out
+
+
 def _same_input(a, x: torch.Tensor) -> bool:
     """Whether a forward pass's input is the step's batch (the same tensor, or an equal copy)."""
     if a is x:
@@ -466,6 +501,12 @@ class ActivationStats(Probe):
     measured is the first forward of the root model after ``before_step`` that runs with gradients
     enabled, on the step's input tensor, with the model's own parameters (so passes of other
     probes through :func:`torch.func.functional_call` or under ``no_grad`` are ignored).
+
+    The hooks compute the channel statistics on the output's device with fast reductions
+    (``_fast_moments``: float64 totals of float32 partial sums, a two-pass variance; relative error
+    ~1e-7 for float32 outputs, where :func:`activation_stats` is exact in float64) and the step's
+    numbers reach the host in one transfer: on ResNet-18 (batch 32, CPU) the probe costs a few
+    percent of a step.
 
     Records ``"<layer>/abs_mean"``, ``"<layer>/std"``, ``"<layer>/absmax"`` per layer (see the
     module docstring) and, with ``per_channel``, ``"<layer>/<c>/mean|std|absmax"`` per channel.
@@ -527,7 +568,7 @@ class ActivationStats(Probe):
         model = ctx.model
         if self._rec is None or self._rec.model is not model:
             self._release()
-            self._rec = _Recorder(model, self.layers)
+            self._rec = _Recorder(model, self.layers, fast=True)
             self._own = None
             for mod in model.modules():
                 for pname, p in mod._parameters.items():
@@ -547,7 +588,7 @@ class ActivationStats(Probe):
     def _finish(self, ctx: StepContext) -> dict:
         if not self._armed:
             return {}
-        stats = self._rec.stats if self._done else {}
+        stats = _to_channel_stats(self._rec.stats) if self._done else {}
         self._armed = False
         self._x = None
         self._release()
@@ -603,10 +644,12 @@ class OutputGradients(Probe):
         batch = self.batch if self.batch is not None else ctx.batch
         if batch is None:
             return {}
-        x, y = batch
-        dev = next((p.device for p in ctx.model.parameters()), x.device)
-        x, y = x.to(dev), y.to(dev)
-        z, g = _logits_and_output_grad(ctx.model, (x, y), ctx.loss_fn or F.cross_entropy)
+        dev = next((p.device for p in ctx.model.parameters()), None)
+        if dev is not None:
+            batch = batch_to(batch, dev)
+        z, g = _logits_and_output_grad(ctx.model, batch, default_loss_fn(batch, ctx.loss_fn))
+        if z.dim() > 2:  # token-level logits (N, T, K): every position counts as an example
+            z, g = z.reshape(-1, z.shape[-1]), g.reshape(-1, g.shape[-1])
         g = g.detach().cpu()
         if self.keep:
             self.history.append((ctx.step, g))
@@ -677,8 +720,8 @@ class UpdateInterpolation(Probe):
         if w0 is None or not self._stepped:
             return {}
         model = ctx.model
-        x, y = ctx.batch
-        loss_fn = ctx.loss_fn or F.cross_entropy
+        batch = ctx.batch
+        loss_fn = default_loss_fn(batch, ctx.loss_fn)
         w1 = {n: p.detach() for n, p in model.named_parameters()}
         losses, per_s, out = [], [], {}
         for s in self.s:
@@ -687,9 +730,9 @@ class UpdateInterpolation(Probe):
                 params = w0
             elif s == 1.0:
                 params = w1
-            stats, z = _forward_stats(model, x, self.layers, params, buf)
+            stats, z = _forward_stats(model, batch, self.layers, params, buf)
             with torch.no_grad():
-                loss = float(loss_fn(z, y))
+                loss = float(compute_loss(z, batch, loss_fn))
             losses.append(loss)
             per_s.append(stats)
             key = f"s{s:g}"

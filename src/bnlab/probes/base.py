@@ -29,9 +29,15 @@ class StepContext:
         step: index of the optimizer step (0-based).
         model: the model being trained.
         optimizer: its optimizer (read ``param_groups`` for the learning rate).
-        batch: the ``(x, y)`` batch of this step, or ``None`` when unknown.
+        batch: the batch of this step as the loop gave it, or ``None`` when unknown: ``(x, y)``
+            (the model is called as ``model(x)``) or a dict of model inputs, Hugging Face style
+            (``model(**batch)``, labels under ``"labels"``). Probes read it only through
+            :mod:`bnlab.adapters` (``split_batch``, ``forward``, ``labels_of``, ``batch_size``).
         loss: the loss of this step as a detached tensor, once known.
-        loss_fn: ``loss_fn(logits, y) -> scalar``, for probes that evaluate the loss elsewhere.
+        loss_fn: ``loss_fn(logits, y) -> scalar``, for probes that evaluate the loss elsewhere;
+            ``None``: :func:`bnlab.adapters.default_loss_fn` (``F.cross_entropy`` on ``(x, y)``,
+            the model's own ``output.loss`` on a dict batch). The logits are
+            :func:`bnlab.adapters.logits_of` the output (a tensor, a dict, a ``ModelOutput``).
         metrics: at ``on_eval``, the evaluation metrics (e.g. ``test_acc``).
         scratch: per-step storage shared by the probes (cleared at each ``before_step``).
     """
@@ -72,9 +78,11 @@ class Probe:
     Subclasses set ``name`` (the metric prefix) and ``cost`` (``cheap``: no extra forward pass;
     ``standard``: extra forward/backward passes; ``expensive``: Hessian-vector products), and
     override any of the four event methods. A probe must leave the model, its buffers, ``.grad``,
-    the optimizer state and every RNG exactly as it found them; the monitor restores the RNG,
-    the training mode and (for non-cheap probes) buffers and ``.grad`` as a safety net, and a test
-    checks bit-identical weights with and without probes.
+    the optimizer state and every RNG exactly as it found them; the monitor restores the RNG and
+    (for non-cheap probes) the training modes, buffers and ``.grad`` as a safety net, calls a probe
+    only at the events it overrides, and a test checks bit-identical weights with and without
+    probes. A ``cheap`` probe only reads tensors and should cost at most a few percent of a step
+    (``benchmarks/probe_overhead.py`` measures each registered probe).
 
     Args:
         every: run at steps where ``every(step)`` is true; an int ``n`` means every n-th step

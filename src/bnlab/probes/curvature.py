@@ -5,6 +5,10 @@ Thin adapters of :func:`bnlab.curvature.model_quadratic_form` and
 on the step's batch ``B`` at ``w_t``, with ``H = ∇²L_B(w_t)`` (exact Hessian-vector products, no
 finite differences) over the trainable parameters; train-mode BatchNorm uses the batch's
 statistics as in training. The model, its buffers, ``.grad`` and the RNG are left unchanged.
+The batch may be ``(x, y)`` or a Hugging Face dict, the output a ``ModelOutput``
+(:mod:`bnlab.adapters`); without a ``loss_fn`` the loss is ``F.cross_entropy`` for ``(x, y)``
+batches and the model's ``output.loss`` for dict batches. Dropout in train mode keeps one set of
+masks for the whole computation; attention runs on the math backend (double backward).
 
 * :class:`HessianQuadForm`: ``gᵀ H g / ‖g‖²`` with ``g = ∇L_B(w_t)``, the curvature along the
   gradient (Santurkar et al.'s second-order smoothness; one HVP).
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 from typing import Callable, Union
 
-import torch.nn.functional as F
+from ..adapters import default_loss_fn
 
 from ..curvature import model_quadratic_form, model_top_eigenvalues
 from .base import Probe, StepContext
@@ -52,7 +56,7 @@ class HessianQuadForm(Probe):
     def after_backward(self, ctx: StepContext) -> dict:
         if ctx.batch is None:
             return {}
-        q = model_quadratic_form(ctx.model, tuple(ctx.batch), ctx.loss_fn or F.cross_entropy)
+        q = model_quadratic_form(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn))
         return {"gHg": float(q)}
 
 
@@ -65,7 +69,8 @@ class TopHessianEigenvalue(Probe):
     Args:
         every: steps to measure at.
         max_iter: at most this many Lanczos iterations (= HVPs).
-        tol: relative-change tolerance of the stopping rule.
+        tol: relative bound on the Lanczos residual, ``β_m|s_m| ≤ tol·|λ|`` (an eigenvalue of ``H`` lies
+            within ``tol·|λ|``; see :func:`bnlab.curvature.top_eigenvalues`).
         seed: seed of the Lanczos start vector (a private generator).
         name: metric prefix.
 
@@ -87,7 +92,7 @@ class TopHessianEigenvalue(Probe):
     def after_backward(self, ctx: StepContext) -> dict:
         if ctx.batch is None:
             return {}
-        lam, info = model_top_eigenvalues(ctx.model, tuple(ctx.batch), ctx.loss_fn or F.cross_entropy, k=1,
+        lam, info = model_top_eigenvalues(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), k=1,
                                           max_iter=self.max_iter, tol=self.tol, seed=self.seed)
         return {
             "lambda_max": float(lam[0]),

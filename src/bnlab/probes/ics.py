@@ -12,10 +12,14 @@ below it already moved (the shift of its input distribution caused by their upda
 what matters for optimization). Reported: ``‖G_i - G'_i‖₂``, ``cos(G_i, G'_i)`` and the relative
 size ``‖G_i - G'_i‖₂ / ‖G_i‖₂``.
 
-**Layers.** Layer ``i`` is the ``i``-th convolution or ``nn.Linear`` with a trainable weight in the
+**Layers.** Layer ``i`` is the ``i``-th convolution or linear layer (``nn.Linear``, Hugging Face's
+``Conv1D``) with a trainable weight in the
 order of the forward pass (found with hooks during the ``G`` pass); ``W_i`` is its weight. The
 parameters of the modules run after it up to the next such layer (its normalization's ``γ, β``)
-move with it. The first layer has no layer below it (``G'_1 = G_1``) and is not reported.
+move with it. The first layer has no layer below it (``G'_1 = G_1``) and is not reported, nor is a
+layer whose weight is tied to a module that runs before it (a language model's output layer tied
+to its token embedding). Batches may be ``(x, y)`` or dicts, outputs ``ModelOutput`` objects
+(:mod:`bnlab.adapters`; without ``loss_fn`` on a dict batch the model's own ``output.loss``).
 
 **How.** ``W^t`` and the buffers are copied at ``after_backward``; at ``after_step`` every
 gradient is computed with :func:`bnlab.functional.stateless_call` over a parameter dict mixing
@@ -35,9 +39,9 @@ import math
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..adapters import compute_loss, default_loss_fn, logits_of, split_batch
 from ..errors import UserError
 from ..functional import stateless_call
 from .accuracy import LOGITS_KEY
@@ -46,16 +50,30 @@ from .base import Probe, StepContext
 __all__ = ["InternalCovariateShift", "ActivationQuantiles", "ics_layers", "internal_covariate_shift"]
 
 
+# Modules whose output has its features (channels) in the last dimension, e.g. (N, tokens, C).
+_FEATURES_LAST = (nn.Linear, nn.LayerNorm, nn.Embedding) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
 def _is_weight_layer(m: nn.Module) -> bool:
     w = getattr(m, "weight", None)
-    return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and isinstance(w, torch.Tensor) and w.requires_grad
+    # Hugging Face's Conv1D (GPT-2's projections) is a linear layer with a transposed weight
+    affine = isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or type(m).__name__ == "Conv1D"
+    return affine and isinstance(w, torch.Tensor) and w.requires_grad
 
 
-def ics_layers(model: nn.Module, x: torch.Tensor, params: Optional[dict] = None, buffers: Optional[dict] = None) -> tuple[list[str], dict[str, int]]:
+def _stateless_forward(model: nn.Module, batch, params: Optional[dict] = None, buffers: Optional[dict] = None):
+    """:func:`bnlab.functional.stateless_call` on a batch (``x``, ``(x, y)`` or a dict, see
+    :func:`bnlab.adapters.split_batch`)."""
+    args, kwargs = split_batch(batch)
+    return stateless_call(model, *args, params=params, buffers=buffers, **kwargs)
+
+
+def ics_layers(model: nn.Module, x, params: Optional[dict] = None, buffers: Optional[dict] = None) -> tuple[list[str], dict[str, int]]:
     """The layers of the ICS definition and the layer each trainable parameter moves with.
 
     Runs one forward pass (:func:`bnlab.functional.stateless_call`: copies of the buffers, the RNG
-    restored, no gradient) with hooks to find the order in which modules run.
+    restored, no gradient) with hooks to find the order in which modules run. ``x`` is the input
+    tensor, or a whole batch (``(x, y)`` or a dict of model inputs, :mod:`bnlab.adapters`).
 
     Returns:
         ``(layers, group)``: the module names of the weight layers in forward order, and for every
@@ -70,7 +88,7 @@ def ics_layers(model: nn.Module, x: torch.Tensor, params: Optional[dict] = None,
             handles.append(mod.register_forward_pre_hook(lambda m, a, mname=mname: order.append(mname) if mname not in order else None))
     try:
         with torch.no_grad():
-            stateless_call(model, x, params=params, buffers=buffers)
+            _stateless_forward(model, x, params, buffers)
     finally:
         for h in handles:
             h.remove()
@@ -95,10 +113,10 @@ def ics_layers(model: nn.Module, x: torch.Tensor, params: Optional[dict] = None,
 
 
 def _grads(model, batch, loss_fn, params: dict, buffers: dict, wrt: list[str]) -> list[torch.Tensor]:
-    x, y = batch
+    # stateless_call restores the RNG after each pass: every pass draws the same dropout masks
     leaves = {n: params[n].detach().requires_grad_(True) if n in wrt else params[n].detach() for n in params}
     with torch.enable_grad():
-        loss = loss_fn(stateless_call(model, x, params=leaves, buffers=buffers), y)
+        loss = compute_loss(_stateless_forward(model, batch, leaves, buffers), batch, loss_fn)
         gs = torch.autograd.grad(loss, [leaves[n] for n in wrt], allow_unused=True)
     return [torch.zeros_like(leaves[n]) if g is None else g.detach() for n, g in zip(wrt, gs)]
 
@@ -115,8 +133,8 @@ def internal_covariate_shift(
 
     Args:
         model: the network (only its structure and frozen parameters are used).
-        batch: ``(x, y)``, the step's batch.
-        loss_fn: ``loss_fn(logits, y) -> scalar``.
+        batch: ``(x, y)``, the step's batch, or a dict of model inputs (:mod:`bnlab.adapters`).
+        loss_fn: ``loss_fn(logits, y) -> scalar``; ``None``: the model's own ``output.loss``.
         w_before: ``W^t``, ``{name: tensor}`` of every trainable parameter.
         w_after: ``W^{t+1}``, the same keys.
         buffers: the buffers at step ``t`` (copied before every pass); default the model's.
@@ -128,13 +146,16 @@ def internal_covariate_shift(
         raise UserError("internal_covariate_shift: w_before and w_after must have the same keys")
     frozen = {n: p.detach() for n, p in model.named_parameters() if n not in w_before}
     buffers = {n: b.detach().clone() for n, b in (buffers if buffers is not None else dict(model.named_buffers())).items()}
-    x = batch[0]
-    layers, group = ics_layers(model, x, {**frozen, **w_before}, buffers)
-    wnames = [f"{n}.weight" if n else "weight" for n in layers]
+    layers, group = ics_layers(model, batch, {**frozen, **w_before}, buffers)
+    pname_of = {id(p): n for n, p in model.named_parameters()}
+    mods = dict(model.named_modules())
+    wnames = [pname_of[id(mods[n].weight)] for n in layers]  # tied weights go by their first name
     base = {**frozen, **w_before}
     G = dict(zip(wnames, _grads(model, batch, loss_fn, base, buffers, wnames)))
     out: dict[str, dict[str, float]] = {}
     for i in range(1, len(layers)):
+        if group.get(wnames[i]) != i:
+            continue  # a weight tied to a module that runs earlier (GPT-2's lm_head and its embedding)
         mixed = {**frozen, **{n: (w_after[n] if group.get(n, len(layers)) < i else w_before[n]) for n in w_before}}
         (g2,) = _grads(model, batch, loss_fn, mixed, buffers, [wnames[i]])
         g1 = G[wnames[i]]
@@ -200,7 +221,7 @@ class InternalCovariateShift(Probe):
         if w0 is None or ctx.batch is None:
             return {}
         w1 = {n: p.detach() for n, p in ctx.model.named_parameters() if n in w0}
-        res = internal_covariate_shift(ctx.model, tuple(ctx.batch), ctx.loss_fn or F.cross_entropy, w0, w1, buf)
+        res = internal_covariate_shift(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), w0, w1, buf)
         if self.keep:
             self.history.append((ctx.step, res))
         out: dict[str, float] = {}
@@ -219,7 +240,8 @@ class ActivationQuantiles(Probe):
     At ``after_backward`` (weights ``w_t``) the step's forward pass is replayed on its batch with
     :func:`bnlab.functional.stateless_call` (copies of the buffers, the RNG restored: train-mode
     BatchNorm uses the batch's statistics; a ``bn-noisy`` layer replays the step's noise), and the
-    output of module ``layer`` of shape ``(N, C, *spatial)`` is summarized per channel over
+    output of module ``layer`` of shape ``(N, C, *spatial)`` (``(N, *, C)`` for a linear layer,
+    LayerNorm or embedding, e.g. ``(N, tokens, C)`` in a transformer) is summarized per channel over
     examples and positions.
     Records ``"<c>/q<p>"`` for each quantile ``p`` (in percent), ``"<c>/mean"`` and ``"<c>/std"``
     for each channel ``c`` of ``channels``. The data of Santurkar et al.'s figure 2 (the
@@ -260,11 +282,13 @@ class ActivationQuantiles(Probe):
         h = mods[self.layer].register_forward_hook(lambda m, a, out: seen.append(out.detach()) if not seen else None)
         try:
             with torch.no_grad():
-                logits = stateless_call(model, ctx.batch[0])
+                logits = logits_of(_stateless_forward(model, ctx.batch))
         finally:
             h.remove()
         ctx.scratch.setdefault(LOGITS_KEY, logits)  # the replayed forward's output, for TrainModeAccuracy
         out = seen[0]
+        if isinstance(mods[self.layer], _FEATURES_LAST) and out.dim() > 2:
+            out = out.movedim(-1, 1)  # (N, tokens, C) -> (N, C, tokens): a transformer's channels are last
         flat = (out[:, None] if out.dim() == 1 else out).transpose(0, 1).reshape(out.shape[1], -1).double()  # (C, N * positions)
         chans = self.channels if self.channels is not None else range(flat.shape[0])
         q = torch.quantile(flat, torch.tensor(self.quantiles, dtype=torch.float64, device=flat.device), dim=1)  # (Q, C)

@@ -22,9 +22,9 @@ import math
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn  # noqa: F401  (used in the doctest)
+from torch import nn
 
+from ..adapters import batch_size, compute_loss, default_loss_fn, split_batch
 from ..errors import UserError
 from ..functional import stateless_call
 from .base import Probe, StepContext
@@ -45,8 +45,9 @@ class IntrinsicGradNorm(Probe):
 
     Without ``objective`` (cost: cheap) it reads the step's own gradient at ``after_backward``:
     exact for full-batch GD, the minibatch value for SGD. With ``objective``, a list of ``(x, y)``
-    batches partitioning the training set (cost: standard), it computes at ``before_step`` the
-    gradient of the finite-sum objective ``L(θ) = Σ_k |B_k|/N · L_{B_k}(θ)`` at ``w_t`` with
+    (or dict) batches partitioning the training set (cost: standard), it computes at ``before_step`` the
+    gradient of the finite-sum objective ``L(θ) = Σ_k |B_k|/N · L_{B_k}(θ)`` (``L_{B_k}`` with the
+    monitor's ``loss_fn``: default ``F.cross_entropy``, the model's own loss on dict batches) at ``w_t`` with
     :func:`torch.autograd.grad` (``.grad`` is not touched), in the model's mode (train mode: each
     ``L_{B_k}`` uses the batch statistics of ``B_k``), through
     :func:`bnlab.functional.stateless_call`: the model, its BN running statistics and the RNG
@@ -81,8 +82,15 @@ class IntrinsicGradNorm(Probe):
         return float(torch.sum(t * t))
 
     def _norms(self, si_grads, other_grads) -> dict:
-        si = sum(self._sq(w) * (0.0 if g is None else self._sq(g)) for w, g in zip(self.si, si_grads))
-        other = sum(0.0 if g is None else self._sq(g) for g in other_grads)
+        # float64 sums of squares without float64 copies, read with one host sync (bnlab.probes._reduce)
+        from ._reduce import sumsq64
+
+        pairs = [(w, g) for w, g in zip(self.si, si_grads) if g is not None]
+        others = [g for g in other_grads if g is not None]
+        k = len(pairs)
+        sq = sumsq64([w for w, _ in pairs] + [g for _, g in pairs] + others).cpu()
+        si = float((sq[:k] * sq[k:2 * k]).sum()) if k else 0.0
+        other = float(sq[2 * k:].sum()) if others else 0.0
         return {"grad_norm_sq": si + other, "si_grad_norm_sq": si, "other_grad_norm_sq": other}
 
     def after_backward(self, ctx: StepContext) -> dict | None:
@@ -96,11 +104,12 @@ class IntrinsicGradNorm(Probe):
         model = ctx.model
         live = dict(model.named_parameters())  # the parameters themselves: the gradient flows to them
         params = self.si + self.other
-        total = sum(len(y) for _, y in self.objective)
+        total = sum(batch_size(b) for b in self.objective)
         acc = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         with torch.enable_grad():
-            for x, y in self.objective:
-                loss = F.cross_entropy(stateless_call(model, x, params=live), y) * (len(y) / total)
+            for b in self.objective:
+                loss_fn = default_loss_fn(b, ctx.loss_fn)
+                loss = _batch_loss(model, b, loss_fn, live) * (batch_size(b) / total)
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 for a, g in zip(acc, grads):
                     if g is not None:
@@ -109,12 +118,20 @@ class IntrinsicGradNorm(Probe):
         return self._norms(acc[:n], acc[n:])
 
 
+def _batch_loss(model, batch, loss_fn, params) -> torch.Tensor:
+    """The loss on ``batch`` (``(x, y)`` or a dict, :mod:`bnlab.adapters`) at ``params``, through
+    :func:`bnlab.functional.stateless_call` (copies of the buffers; the RNG restored, so every
+    evaluation draws the same dropout masks)."""
+    args, kwargs = split_batch(batch)
+    return compute_loss(stateless_call(model, *args, params=params, **kwargs), batch, loss_fn)
+
+
 # ----------------------------------------------------------------------------- the scale-invariance lemma
 
 
-def scale_lemma_residuals(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+def scale_lemma_residuals(model: nn.Module, batch,
                           params: Mapping[str, torch.Tensor], *, scales: Sequence[float] = (0.1, 10.0),
-                          loss_fn: Callable = F.cross_entropy) -> dict[str, tuple[float, float]]:
+                          loss_fn: Optional[Callable] = None) -> dict[str, tuple[float, float]]:
     """The two residuals of the scale-invariance lemma for each tensor ``w`` of ``params``.
 
     For a scale-invariant ``w`` (``L(c w) = L(w)`` for every ``c > 0``, all other parameters
@@ -132,10 +149,11 @@ def scale_lemma_residuals(model: torch.nn.Module, batch: tuple[torch.Tensor, tor
 
     Args:
         model: the network.
-        batch: ``(x, y)``.
+        batch: ``(x, y)`` or a dict of model inputs (:mod:`bnlab.adapters`).
         params: ``{key: parameter}``: tensors of ``model`` (matched by identity); the keys name the result.
         scales: the factors ``c`` (positive).
-        loss_fn: ``loss_fn(logits, y) -> scalar``.
+        loss_fn: ``loss_fn(logits, y) -> scalar``; default ``F.cross_entropy`` for ``(x, y)``
+            batches, the model's own ``output.loss`` for dict batches.
 
     Returns:
         ``{key: (orth, homog)}``.
@@ -154,13 +172,13 @@ def scale_lemma_residuals(model: torch.nn.Module, batch: tuple[torch.Tensor, tor
     missing = [k for k, p in params.items() if id(p) not in by_id]
     if missing:
         raise UserError(f"scale_lemma_residuals: {missing} are not parameters of the model")
-    x, y = batch
+    loss_fn = default_loss_fn(batch, loss_fn)
     keys = list(params)
     names = [by_id[id(params[k])] for k in keys]
     out: dict[str, tuple[float, float]] = {}
     with torch.enable_grad():
         base = {n: p.detach().requires_grad_(n in names) for n, p in live.items()}
-        loss = loss_fn(stateless_call(model, x, params=base), y)
+        loss = _batch_loss(model, batch, loss_fn, base)
         grads = torch.autograd.grad(loss, [base[n] for n in names])
         for key, n, g in zip(keys, names, grads):
             w = base[n].detach()
@@ -171,7 +189,7 @@ def scale_lemma_residuals(model: torch.nn.Module, batch: tuple[torch.Tensor, tor
             for c in scales:
                 scaled = {m: t.detach() for m, t in base.items()}
                 scaled[n] = (c * w).requires_grad_(True)
-                (gc,) = torch.autograd.grad(loss_fn(stateless_call(model, x, params=scaled), y), scaled[n])
+                (gc,) = torch.autograd.grad(_batch_loss(model, batch, loss_fn, scaled), scaled[n])
                 if gn > 0:
                     homog = max(homog, float((c * gc.detach().to(torch.float64) - g64).norm()) / gn)
             out[key] = (orth, homog)
@@ -214,7 +232,7 @@ class ScaleLemma(Probe):
         if not self.params or ctx.batch is None:
             return None
         res = scale_lemma_residuals(ctx.model, ctx.batch, self.params, scales=self.scales,
-                                    loss_fn=ctx.loss_fn or F.cross_entropy)
+                                    loss_fn=ctx.loss_fn)
         out: dict = {}
         for key, (orth, homog) in res.items():
             out[f"{key}/orth_residual"] = orth

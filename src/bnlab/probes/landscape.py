@@ -16,6 +16,12 @@ probe point with the batch's own statistics, as the training step did, and updat
 statistic; a ``bn-noisy`` layer replays the noise of the step), so the model, its buffers,
 ``.grad`` and the RNG are left exactly as they were.
 
+Batches may be ``(x, y)`` or Hugging Face dicts (:mod:`bnlab.adapters`; without ``loss_fn`` a dict
+batch uses the model's own ``output.loss``). With dropout in train mode every probe point sees one
+fixed set of masks (drawn from the RNG state at the probe, not the training pass's masks), while
+``g`` and ``L_B(w_t)`` are the training step's: ``grad_diff`` at small ``s`` then includes the
+difference between the two draws. Put the model's dropout at 0 (or in eval mode) for clean bands.
+
 Reference:
     Santurkar, Tsipras, Ilyas, Madry, "How Does Batch Normalization Help Optimization?",
     NeurIPS 2018, section 3.1 and figure 4.
@@ -26,7 +32,7 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
+from ..adapters import default_loss_fn
 
 from ..errors import UserError
 from ..landscape import probe_model_along_gradient
@@ -135,7 +141,7 @@ class LandscapeProbe(Probe):
             return {}
         steps = self.grid(ctx)
         res = probe_model_along_gradient(
-            ctx.model, tuple(ctx.batch), ctx.loss_fn or F.cross_entropy, steps,
+            ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), steps,
             grad=g, loss=ctx.loss, vectorize=self.vectorize,
         )
         if self.keep:

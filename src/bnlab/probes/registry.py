@@ -12,12 +12,12 @@ covered.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Union
+from typing import Any, Callable, Optional, Union
 
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import unknown_name
+from ..errors import UserError, unknown_name
 from .base import Probe
 
 Schedule = Union[int, Callable[[int], bool]]
@@ -55,11 +55,71 @@ def register_probe(name: str, cls: type, summary: str, build: Callable | None = 
                               cost or cls.cost)
 
 
-def make_probe(name: str, model: nn.Module, batch=None, loss_fn: Callable = F.cross_entropy, *, every: Schedule = 1) -> Probe:
-    """The probe ``name`` built for ``model`` (``batch``: an ``(x, y)`` sample some factories need)."""
+def make_probe(name: str, model: nn.Module, batch=None, loss_fn: Optional[Callable] = None, *, every: Schedule = 1) -> Probe:
+    """The probe ``name`` built for ``model`` (``batch``: an ``(x, y)`` sample, or a dict batch, some
+    factories need). ``loss_fn`` ``None``: ``F.cross_entropy`` for an ``(x, y)`` batch, the model's
+    own ``output.loss`` for a dict batch (:func:`bnlab.adapters.default_loss_fn`)."""
     if name not in PROBES:
         raise unknown_name("probe", name, PROBES)
+    if loss_fn is None:
+        from ..adapters import default_loss_fn
+
+        loss_fn = default_loss_fn(batch) if batch is not None else F.cross_entropy
     return PROBES[name].build(model, batch, loss_fn, every)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named bundle of probes with their schedules, chosen by what it may cost.
+
+    Attributes:
+        name: the preset's name.
+        probes: ``(registry name, every)`` pairs: probe ``name`` runs every ``every`` steps.
+        summary: what it measures and what it costs, in one line.
+    """
+
+    name: str
+    probes: tuple
+    summary: str
+
+
+PRESETS: dict[str, Preset] = {}
+
+
+def register_preset(name: str, probes, summary: str) -> None:
+    """Register a preset: ``probes`` is a sequence of ``(registry name, every)`` pairs."""
+    if name in PRESETS:
+        raise ValueError(f"preset {name!r} is already registered")
+    PRESETS[name] = Preset(name, tuple((str(n), int(e)) for n, e in probes), summary)
+
+
+def make_preset(name: str, model: nn.Module, batch=None, loss_fn: Callable = F.cross_entropy) -> list[Probe]:
+    """The probes of preset ``name`` built for ``model``, each on its schedule.
+
+    ``batch`` (an ``(x, y)`` sample) is needed by the probes that first look at the model
+    (``scale-invariant`` and the others built on :func:`bnlab.scale.find_scale_invariant`).
+
+    Raises:
+        UserError: unknown preset, or a probe of it needs ``batch`` and none was given.
+
+    Example:
+        >>> probes = make_preset("economy", net, (x, y))
+        >>> train(net, data, opt, steps=1000, probes=probes)          # or probes="economy"
+    """
+    if name not in PRESETS:
+        raise unknown_name("preset", name, PRESETS)
+    out = []
+    for pname, every in PRESETS[name].probes:
+        if batch is None and pname in _NEEDS_BATCH:
+            raise UserError(f"preset {name!r}: probe {pname!r} needs a sample batch (x, y); pass batch=")
+        probe = make_probe(pname, model, batch, loss_fn, every=every)
+        if hasattr(probe, "keep") and hasattr(probe, "history"):
+            probe.keep = False  # numbers go to the records; no per-step tensors held for the whole run
+        out.append(probe)
+    return out
+
+
+_NEEDS_BATCH = {"scale-invariant", "intrinsic-grad-norm", "intrinsic-grad-norm-objective", "scale-lemma"}
 
 
 def first_activation_layer(model: nn.Module) -> str:
@@ -91,9 +151,19 @@ def _intrinsic(objective: bool):
         others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
         parts = None
         if objective:  # the batch cut in two: the finite-sum objective Σ_k |B_k|/N · L_{B_k}
-            x, y = batch
-            h = max(1, len(y) // 2)
-            parts = [(x[:h], y[:h]), (x[h:], y[h:])]
+            import torch
+
+            from ..adapters import batch_size, is_dict_batch
+
+            h = max(1, batch_size(batch) // 2)
+            if is_dict_batch(batch):  # cut every tensor with the batch's leading dimension
+                n = batch_size(batch)
+                cut = {k: isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n for k, v in batch.items()}
+                parts = [{k: (v[:h] if cut[k] else v) for k, v in batch.items()},
+                         {k: (v[h:] if cut[k] else v) for k, v in batch.items()}]
+            else:
+                x, y = batch
+                parts = [(x[:h], y[:h]), (x[h:], y[h:])]
         return IntrinsicGradNorm(si, others, objective=parts, every=every)
 
     return build
@@ -146,6 +216,30 @@ def _register_builtin() -> None:
     register_probe("hessian-quad-form", HessianQuadForm, "gᵀHg / ‖g‖²")
     register_probe("top-hessian-eigenvalue", TopHessianEigenvalue, "λ_max by Lanczos over Hessian-vector products",
                    lambda model, batch, loss_fn, every: TopHessianEigenvalue(every=every, max_iter=4))
+    from .spectrum import SpectrumProbe  # Ghorbani et al. 2019 (bnlab.spectrum)
+    register_probe("spectrum", SpectrumProbe, "Hessian density outline: λ_top, bulk edge, outlier mass, ‖g‖² share in the top space",
+                   lambda model, batch, loss_fn, every: SpectrumProbe(every=every, n_runs=2, n_steps=8, top_k=3))
+    from .theory import SanturkarCurvature, SanturkarTerms  # Santurkar et al. §4 (bnlab.theory)
+    register_probe("santurkar-terms", SanturkarTerms, "per BN layer: Thm 4.1's two sides (float64, ε = 0) and Obs. 4.3's shares")
+    register_probe("santurkar-curvature", SanturkarCurvature, "per BN layer: Thm 4.2(a)/(b) from activation-space HVPs")
 
 
 _register_builtin()
+
+
+def _register_presets() -> None:
+    cheap = ("grad-norm", "weight-norm", "lr", "scale-invariant", "intrinsic-grad-norm")
+    register_preset("economy", [(n, 1) for n in ("grad-norm", "weight-norm", "lr")],
+                    "‖∇L‖, ‖w‖, learning rates every step; ≤ 1.02x a bare step on ResNet-18 (CPU)")
+    register_preset("business", [(n, 1) for n in cheap] + [("activation-stats", 10), ("train-mode-accuracy", 50),
+                                                           ("hessian-quad-form", 200)],
+                    "every cheap probe each step, activations every 10, gᵀHg/‖g‖² every 200; ~1.1x on ResNet-18 (CPU)")
+    standard = sorted(n for n, e in PROBES.items() if e.cost == "standard")
+    expensive = sorted(n for n, e in PROBES.items() if e.cost == "expensive")
+    register_preset("full", [(n, 1) for n in cheap] + [("activation-stats", 10)] + [(n, 100) for n in standard]
+                    + [(n, 200) for n in expensive],
+                    "every registered probe: cheap ones each step, standard every 100, expensive every 200; "
+                    "~1.7x on ResNet-18 (CPU)")
+
+
+_register_presets()

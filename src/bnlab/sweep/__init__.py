@@ -37,7 +37,7 @@ Modules:
   vectorized path works (stacking, BatchNorm, divergence);
 * :mod:`bnlab.sweep.layers`: the ``vmap`` rules that fold the members into the channels of
   convolutions, BatchNorm and pooling (:func:`bnlab.sweep.layers.use_stacked_layers`);
-* :mod:`bnlab.sweep.executors`: :class:`Executor`, :class:`LocalExecutor`,
+* :mod:`bnlab.sweep.executors`: :class:`Executor`, :class:`LocalExecutor`, :class:`RayExecutor`,
   :class:`ProcessExecutor`.
 
 The relative loss of one step (Bjorck et al.) is :func:`bnlab.landscape.relative_loss`.
@@ -47,13 +47,14 @@ Reference:
     (learning-rate sweeps).
 """
 
-from .executors import Executor, LocalExecutor, ProcessExecutor
+from .executors import Executor, LocalExecutor, ProcessExecutor, RayExecutor
 from .trainer import SweepResult, sgd_step, sweep
 
 __all__ = [
     "Executor",
     "LocalExecutor",
     "ProcessExecutor",
+    "RayExecutor",
     "SweepResult",
     "sgd_step",
     "sweep",

@@ -1,0 +1,187 @@
+"""The fast paths behind the cheap probes, each against an independent float64 reference:
+float64-accumulated norms and dots (bnlab.probes._reduce), the angle from three squared norms,
+the activation moments of ActivationStats, the finite-weights check of bnlab.train, the cost presets."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bnlab import models
+from bnlab.data import ArrayData
+from bnlab.errors import UserError
+from bnlab.monitor import Monitor
+from bnlab.probes import ActivationStats, GradNorm, LearningRate, Probe, WeightNorm
+from bnlab.probes._reduce import DOT_CHUNK, EXACT_MAX, ROW, dot64, sumsq64
+from bnlab.probes.activations import ChannelStats, _fast_moments
+from bnlab.probes.registry import PRESETS, make_preset
+from bnlab.probes.scale import _angle
+from bnlab.scale import angle_between
+from bnlab.train import _all_finite, make_optimizer, train
+
+
+def _ref_sumsq(t):
+    t = t.detach().double().reshape(-1)
+    return float(torch.dot(t, t))
+
+
+def _tensors(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(7, generator=g),                                   # small: exact
+        torch.randn(EXACT_MAX, generator=g) * 3,                       # the largest exact one
+        torch.randn(512, 128, 3, 3, generator=g) * 0.05 + 0.01,        # rows, no tail (589824 = 2304 * 256)
+        torch.randn(300_001, generator=g) * 1e-3,                      # rows and a tail
+        torch.randn(1_000_000, generator=g, dtype=torch.float64),      # float64: exact
+        torch.randn(2 * DOT_CHUNK + 5, generator=g) + 4.0,             # several dot chunks, large mean
+    ]
+
+
+def test_sumsq64_matches_float64_and_beats_plain_float32():
+    ts = _tensors()
+    got = sumsq64(ts).tolist()
+    for t, v in zip(ts, got):
+        ref = _ref_sumsq(t)
+        exact = t.numel() <= EXACT_MAX or t.dtype == torch.float64
+        # float32 rows: ~1e-8; a plain float32 vector_norm is off by 1e-7 to 1e-4 on these
+        assert v == pytest.approx(ref, rel=1e-13 if exact else 5e-8), t.shape
+    assert ts[3].numel() % ROW != 0  # the tail path is exercised
+
+
+def test_dot64_matches_float64_with_cancellation():
+    xs = _tensors(1)
+    g = torch.Generator().manual_seed(2)
+    # y nearly orthogonal to x (as a gradient to a scale-invariant weight): the dot cancels
+    ys = []
+    for x in xs:
+        r = torch.randn(x.shape, generator=g, dtype=x.dtype)
+        xd, rd = x.double().reshape(-1), r.double().reshape(-1)
+        ys.append((rd - (rd @ xd) / (xd @ xd) * xd).reshape(x.shape).to(x.dtype) * 1e-3)
+    got = dot64(xs, ys).tolist()
+    for x, y, v in zip(xs, ys, got):
+        xd, yd = x.double().reshape(-1), y.double().reshape(-1)
+        scale = float((xd * yd).abs().sum())
+        assert abs(v - float(xd @ yd)) <= 1e-8 * scale, x.shape
+    assert dot64([], []).numel() == 0 and sumsq64([]).numel() == 0
+    with pytest.raises(ValueError):
+        dot64(xs, ys[:-1])
+
+
+@pytest.mark.parametrize("case", ["tiny", "moderate", "large", "opposite", "zeros", "one_zero"])
+def test_angle_from_norms_matches_angle_between(case):
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(500, generator=g, dtype=torch.float64)
+    step = torch.randn(500, generator=g, dtype=torch.float64)
+    b = {"tiny": a + 1e-6 * step, "moderate": a + 0.3 * step, "large": a + 5 * step, "opposite": -2 * a + 1e-4 * step,
+         "zeros": torch.zeros(500, dtype=torch.float64), "one_zero": torch.zeros(500, dtype=torch.float64)}[case]
+    if case == "zeros":
+        a = torch.zeros(500, dtype=torch.float64)
+    got = _angle(float(a @ a), float(b @ b), float((a - b) @ (a - b)))
+    ref = angle_between(a, b)
+    if math.isnan(ref):
+        assert math.isnan(got)
+    else:
+        assert got == pytest.approx(ref, rel=1e-7, abs=1e-15)
+
+
+@pytest.mark.parametrize("shape, offset", [((16, 8, 5, 5), 0.0), ((16, 8, 5, 5), 100.0), ((32, 6), 3.0), ((20,), 0.5), ((4, 3, 7), -2.0)])
+def test_fast_moments_match_channel_stats(shape, offset):
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(shape, generator=g) * 0.7 + offset
+    mean, std, absmax = _fast_moments(h)
+    ref = ChannelStats.of(h)
+    torch.testing.assert_close(mean, ref.mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(std, ref.std, rtol=1e-5, atol=1e-7)  # offset/std = 140: the two-pass variance holds
+    torch.testing.assert_close(absmax.double(), ref.absmax, rtol=0, atol=0)
+
+
+def test_fast_moments_propagate_non_finite():
+    h = torch.randn(4, 3, 2)
+    h[1, 2, 0] = float("nan")
+    h[0, 0, 1] = -float("inf")
+    mean, std, absmax = _fast_moments(h)
+    assert math.isnan(float(mean[2])) and math.isnan(float(absmax[2]))
+    assert float(absmax[0]) == float("inf") and torch.isfinite(mean[1])
+
+
+def test_all_finite_is_exact_including_overflowing_sums():
+    net = models.make("mlp", norm="none", in_shape=(4,), num_classes=3, width=8, depth=1)
+    assert _all_finite(net)
+    w = net.features[1].weight
+    with torch.no_grad():
+        w.fill_(3e38)  # finite entries whose float32 sum overflows: the exact test decides
+        assert _all_finite(net)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            w.fill_(1.0)
+            w[0, 0] = bad
+            assert not _all_finite(net)
+
+
+class _Counter(Probe):
+    """A cheap probe that implements only after_step and draws random numbers (the guard undoes it)."""
+
+    name = "counter"
+
+    def __init__(self):
+        super().__init__(every=1)
+        self.calls = 0
+        self.seen = []
+
+    def active(self, step):
+        self.calls += 1
+        return True
+
+    def after_step(self, ctx):
+        torch.rand(3)
+        self.seen.append(ctx.step)
+        return {"n": float(len(self.seen))}
+
+
+def test_monitor_calls_a_probe_only_at_the_events_it_implements_and_restores_the_rng():
+    net = models.make("mlp", norm="bn", in_shape=(4,), num_classes=3, width=8, depth=1, seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    probe = _Counter()
+    records = []
+    mon = Monitor(net, opt, [probe, GradNorm(), LearningRate()], log=records)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    for _ in range(3):
+        state = torch.get_rng_state()
+        with mon.step((x, y)) as s:
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            s.loss = loss
+            opt.step()
+        assert torch.equal(state, torch.get_rng_state())
+    assert probe.calls == 3 and probe.seen == [0, 1, 2]  # not asked at before_step / after_backward
+    assert [r["counter/n"] for r in records] == [1.0, 2.0, 3.0]
+    assert all("grad_norm/total" in r and "lr/0" in r for r in records)
+
+
+def _data(n=64):
+    g = torch.Generator().manual_seed(1)
+    return ArrayData(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g), 5)
+
+
+def test_presets_build_their_schedules_and_train_takes_a_preset_name():
+    data = _data()
+    net = models.make("convnet", norm="bn", in_shape=(1, 8, 8), num_classes=5, width=4, seed=3)
+    assert {"economy", "business", "full"} <= set(PRESETS)
+    probes = make_preset("business", net, data.full_batch())
+    assert [type(p).__name__ for p in probes][:3] == [type(p).__name__ for p in (GradNorm(), WeightNorm(), LearningRate())]
+    act = next(p for p in probes if isinstance(p, ActivationStats))
+    assert act.active(0) and act.active(10) and not act.active(5) and not act.keep
+    with pytest.raises(UserError, match="unknown preset 'cheapest'; accepted: .*economy"):
+        make_preset("cheapest", net, data.full_batch())
+    with pytest.raises(UserError, match="needs a sample batch"):
+        make_preset("business", net)
+    assert len(make_preset("economy", net)) == 3
+    # bnlab.train takes a preset name and builds it for the model and the data
+    opt = make_optimizer(net.parameters(), lr=0.05)
+    h = train(net, data, opt, steps=3, batch_size=16, probes="economy", device="cpu", eval_train=False)
+    assert all({"grad_norm/total", "weight_norm/total", "lr/0"} <= set(r) for r in h.records)
+    with pytest.raises(UserError, match="unknown preset"):
+        train(net, data, opt, steps=1, batch_size=16, probes="nope", device="cpu")
