@@ -259,8 +259,6 @@ def _main(argv=None) -> int:
     reps = args.reps or (5 if cuda else 2)
     archs = [a.strip() for a in args.archs.split(",")] if args.archs else list(ARCHS)
     only = {p.strip() for p in args.probes.split(",")} if args.probes else None
-    if not cuda:
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     reduced = batch != PAPER_BATCH
     print(f"device: {dev}{' (' + torch.cuda.get_device_name(dev) + ')' if cuda else ''}; torch {torch.__version__}; "
           f"batch {batch}{'  [REDUCED SIZE: the paper batch is 128; step times are scaled linearly to 128 below]' if reduced else ''}")

@@ -105,6 +105,15 @@ def interleaved(tools: dict, repeats: int):
     return results, {k: statistics.median(v) for k, v in times.items()}
 
 
+def std_interval(dof: int, z: float = 1.6449) -> tuple[float, float]:
+    """Factors ``(a, b)``: the 90 % interval of σ from a sample std ``s`` with ``dof`` degrees of
+    freedom is ``[a s, b s]`` (chi-square quantiles by the Wilson-Hilferty approximation)."""
+    def chi2(zq):
+        return dof * (1 - 2 / (9 * dof) + zq * math.sqrt(2 / (9 * dof))) ** 3
+
+    return math.sqrt(dof / chi2(z)), math.sqrt(dof / max(chi2(-z), 1e-12))
+
+
 def fmt(x: float, digits: int = 6) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
 
@@ -224,6 +233,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="repeats of the per-HVP timing")
     parser.add_argument("--task-repeats", type=int, default=3, help="repeats of the top-eigenvalue task")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1: stable ratios on a shared CPU)")
+    parser.add_argument("--tasks", default="0,1,2,3", help="which tables to run, e.g. 0,1 (0: one HVP)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: width 8, batch 8, small budgets")
     args = parser.parse_args()
     if args.quick:
@@ -267,7 +277,24 @@ def main() -> None:
     has_he = peers_ok["hessian-eigenthings"] is None
     he = import_peer("hessian_eigenthings") if has_he else None
 
-    # ---- 0. one HVP ---------------------------------------------------------------------------
+    tasks = {t.strip() for t in args.tasks.split(",")}
+    unknown = tasks - {"0", "1", "2", "3"}
+    if unknown:
+        parser.error(f"unknown task(s) {sorted(unknown)}; accepted: 0, 1, 2, 3")
+    if "0" in tasks:
+        per_hvp(args, model, models, batch, has_ph, has_he)
+    if "1" in tasks:
+        top_eigenvalue_task(args, model, models, batch, has_ph, has_he, he)
+    if "2" in tasks:
+        trace_task(args, model, models, batch, has_ph, has_he, he)
+    if "3" in tasks:
+        density_task(args, model, models, batch, has_ph, has_he, he, n_params)
+    busy = cpu_busy_fraction()
+    if busy is not None:
+        print(f"\nCPU busy after the run: {busy:.0%}")
+
+
+def per_hvp(args, model, models, batch, has_ph, has_he):
     fns = {}
     ops = {mode: bnlab_operator(models[mode], batch) for mode in models}
     vec = torch.randn(ops["eval"].numel)
@@ -304,9 +331,9 @@ def main() -> None:
         rows.append([k, f"{med[k] * 1e3:.1f} ms", ratio(med[f"bnlab {mode}"], med[k])])
     table(f"0. one Hessian-vector product (median of {args.repeats}, interleaved)",
           ["tool / mode", "time", "bnlab/peer"], rows)
-    del fns, ops
 
-    # ---- 1. top eigenvalue ----------------------------------------------------------------------
+
+def top_eigenvalue_task(args, model, models, batch, has_ph, has_he, he):
     TR = args.task_repeats
     rows = []
     for mode in ("eval", "train"):
@@ -361,7 +388,8 @@ def main() -> None:
           f"time: median of {TR}, interleaved)",
           ["tool (mode)", "value", "error", "HVPs", "time s", "ms/HVP", "bnlab/peer"], rows)
 
-    # ---- 2. trace -----------------------------------------------------------------------------
+
+def trace_task(args, model, models, batch, has_ph, has_he, he):
     B, S = args.trace_budget, args.seeds
     rows = []
     for mode in ("eval", "train"):
@@ -395,8 +423,13 @@ def main() -> None:
     table(f"2. trace, {B} HVPs per estimate, mean and spread (std) over {S} seeds "
           f"(time: median per estimate, seeds interleaved)",
           ["estimator (mode)", "mean", "spread", "time s", "bnlab/peer"], rows)
+    if S > 1:
+        lo, hi = std_interval(S - 1)
+        print(f"(a spread s from {S} seeds is itself uncertain: the 90 % interval of the true standard "
+              f"deviation is [{lo:.2f}·s, {hi:.2f}·s]; rows with equal values drew the same random vectors)")
 
-    # ---- 3. spectral density --------------------------------------------------------------------
+
+def density_task(args, model, models, batch, has_ph, has_he, he, n_params):
     from bnlab.spectrum import gaussian_density, spectral_density
 
     R, M = args.runs, args.steps
@@ -463,9 +496,6 @@ def main() -> None:
                 rows.append([f"bnlab, other seeds ({mode})", "", "", top(other), dist(other), ""])
     table(f"3. spectral density, {R} runs x {M} steps, runs interleaved (L1 distance to bnlab's density, "
           f"same grid and σ)", ["tool (mode)", "time s", "HVPs", "top node", "L1 distance", "bnlab/peer"], rows)
-    busy = cpu_busy_fraction()
-    if busy is not None:
-        print(f"\nCPU busy after the run: {busy:.0%}")
 
 
 def _dist_version(name: str):

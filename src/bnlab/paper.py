@@ -37,6 +37,8 @@ SMOKE_EVERY = 2
 SMOKE_BATCH = 16
 #: the largest ``epochs`` in a smoke run (the step cap applies anyway)
 SMOKE_EPOCHS = 1.0
+#: the largest example count (``*subset*``, ``*_examples`` settings) in a smoke run
+SMOKE_EXAMPLES = 64
 #: CIFAR-10 examples in a smoke run (train, test) and at most per evaluation pass
 SMOKE_TRAIN, SMOKE_TEST, SMOKE_EVAL = 512, 256, 64
 
@@ -114,6 +116,8 @@ def _cap_value(name: str, value: Any) -> Any:
         limit = SMOKE_EVERY
     elif "batch" in name and "batches" not in name:
         limit = SMOKE_BATCH
+    elif "subset" in name or name.endswith("_examples"):
+        limit = SMOKE_EXAMPLES
     elif "epochs" in name and isinstance(value, float):
         return min(value, SMOKE_EPOCHS) if value > 0 else value
     else:
@@ -140,14 +144,15 @@ def _smaller(paper_value: Any, tiny_value: Any) -> Any:
 def smoke_config(paper_cfg, tiny_cfg):
     """The ``Config`` of a smoke run: the paper profile's architecture, data, optimizer, learning
     rates and schedule; the smaller of the paper's and the ``tiny`` profile's counts (seeds,
-    examples, probe sizes; :func:`_smaller`); and step counts, step intervals, batch sizes and
-    epochs capped (:data:`SMOKE_STEPS`, :data:`SMOKE_EVERY`, :data:`SMOKE_BATCH`,
-    :data:`SMOKE_EPOCHS`).
+    examples, probe sizes; :func:`_smaller`); and step counts, step intervals, batch sizes,
+    example counts and epochs capped (:data:`SMOKE_STEPS`, :data:`SMOKE_EVERY`, :data:`SMOKE_BATCH`,
+    :data:`SMOKE_EXAMPLES`, :data:`SMOKE_EPOCHS`).
 
     Which fields are which is read from their names (``*lr*``, ``*norm*``, ``*momentum*``, ``data``,
     ``model``, ``width``, ``depth`` ... keep the paper value; ``*steps*``, ``*_every``, ``*batch*``,
-    ``*epochs*`` are capped), so an experiment needs nothing declared to have a smoke run. If the
-    combination fails the Config's own validation, the counts are tried without the caps.
+    ``*subset*``, ``*_examples``, ``*epochs*`` are capped), so an experiment needs nothing declared to have a smoke run. If the
+    combination fails the Config's own validation, the caps are applied one by one, each where the
+    Config accepts it (the run-time cap of :func:`cap_steps` holds anyway).
     """
     def pick(name):
         p, t = getattr(paper_cfg, name), getattr(tiny_cfg, name)
@@ -156,8 +161,14 @@ def smoke_config(paper_cfg, tiny_cfg):
     names = [f.name for f in dataclasses.fields(paper_cfg)]
     try:
         return dataclasses.replace(paper_cfg, **{n: _cap_value(n, pick(n)) for n in names})
-    except (ValueError, TypeError):
-        return dataclasses.replace(paper_cfg, **{n: pick(n) for n in names})
+    except (ValueError, TypeError):  # the caps together break a rule of the Config: as many as it allows
+        cfg = dataclasses.replace(paper_cfg, **{n: pick(n) for n in names})
+        for n in names:
+            try:
+                cfg = dataclasses.replace(cfg, **{n: _cap_value(n, getattr(cfg, n))})
+            except (ValueError, TypeError):
+                pass
+        return cfg
 
 
 def uses_cifar10(cfg) -> bool:

@@ -310,10 +310,11 @@ def spectral_density(
         seed: seed of the start vectors (a private generator: the global RNG is untouched).
         grid: the points ``t``: an array, an int (that many points), or ``None`` (the Ritz values'
             range padded by 1 % and ``5σ``, spacing ``≤ σ/4``, 1 000 to 200 000 points).
-        top_k: ``k`` of the gradient's share in the top-``k`` eigenspace, and how many top
+        top_k: the dimension of the top eigenspace of the gradient's share, and how many top
             eigenvalues are reported.
         bulk_count: the bulk edge starts at the largest Ritz value that stands for at least this
-            many eigenvalues (``n τ ≥ bulk_count``).
+            many eigenvalues (``n τ ≥ bulk_count``); the edge (and what depends on it) is NaN when
+            none does, which needs ``n`` below about ``bulk_count · n_steps``.
         gap_frac: ... and extends up through Ritz values less than this fraction of the bulk's width
             above the previous one.
         gradient: ``g`` (flat tensor or dict keyed like ``params``); default: the operator's own

@@ -127,7 +127,7 @@ class Thresholds:
     """The numbers of ``spectrum``'s decision rules."""
 
     ratio_factor: float = 2.0
-    """Outliers are suppressed (G1) / return (G2) when the top/bulk-edge ratio differs by at least this factor: Ghorbani et al. see outliers one to two orders of magnitude from the bulk without BN and almost none with it; a factor 2 is far outside the run-to-run spread allowed (max_spread)."""
+    """Outliers are suppressed (G1) / return (G2) when the top/bulk-edge ratio differs by at least this factor: Ghorbani et al. see outliers one to two orders of magnitude from the bulk without BN and almost none with it; a factor 2 is a clear separation, a judged density's run-to-run spread being at most max_spread, and its edge a median over runs."""
     share_margin: float = 0.1
     """G1's gradient part: the plain net's share of ‖g‖² in the top eigenspace exceeds BN's by at least this (10 points of ‖g‖²; Ghorbani et al. report most of ‖g‖² there without BN and little with it)."""
     max_spread: float = 0.5
@@ -299,7 +299,7 @@ class Spectrum(Experiment):
                 ok = factor >= th.ratio_factor and far_a >= far_b
                 oks.append(ok)
                 factors.append(factor)
-                spreads.append(f"step {key}: ratio ×{seed_spread(per_seed)}")
+                spreads.append(f"step {key}, factor over {seed_spread(per_seed)}")
                 ra = _gmean([oa["top_to_edge"] for oa, _ in ps])
                 rb = _gmean([ob["top_to_edge"] for _, ob in ps])
                 parts.append(f"step {key} ({len(ps)} of {n_seeds} seeds): λ_top/λ_edge {name_a} {fmt(ra)} vs BN-train {fmt(rb)} "
@@ -319,7 +319,7 @@ class Spectrum(Experiment):
                     ok = diff >= th.share_margin
                     oks.append(ok)
                     diffs.append(diff)
-                    spreads.append(f"step {key}: plain − BN {seed_spread(per_seed, unit=' points', scale=100)}")
+                    spreads.append(f"step {key}, plain − BN over {seed_spread(per_seed, unit=' points', scale=100)}")
                     parts.append(f"step {key} ({len(ps)} of {n_seeds} seeds): plain {fmt(100 * sa)}% vs BN-train "
                                  f"{fmt(100 * sb)}%{'' if ok else ' ✗'}")
                 out.append(self._verdict(

@@ -17,6 +17,9 @@ InternalCovariateShift     standard    per layer ‖G − G'‖ and cos(G, G')
 ActivationQuantiles        standard    percentiles of one layer's channels
 HessianQuadForm            expensive   gᵀHg / ‖g‖²
 TopHessianEigenvalue       expensive   λ_max by Lanczos over Hessian-vector products
+SanturkarTerms             standard    per BN layer: both sides of Santurkar Thm 4.1, the projection shares
+SanturkarCurvature         expensive   per BN layer: both sides of Thm 4.2(a)/(b) from activation-space HVPs
+SpectrumProbe              expensive   Hessian density outline (SLQ): λ_max, bulk edge, outlier mass, ‖g‖² share
 =========================  ==========  ==============================================================
 
 Every probe is registered by name in :data:`PROBES` (:mod:`bnlab.probes.registry`), with a factory
@@ -33,6 +36,8 @@ from .ics import ActivationQuantiles, InternalCovariateShift
 from .intrinsic import IntrinsicGradNorm, ScaleLemma, scale_lemma_residuals
 from .landscape import LandscapeProbe
 from .scale import ScaleInvariantStats
+from .spectrum import SpectrumProbe
+from .theory import SanturkarCurvature, SanturkarTerms
 from .registry import PROBES, ProbeEntry, make_probe, register_probe
 
 __all__ = [
@@ -41,5 +46,5 @@ __all__ = [
     "ActivationStats", "OutputGradients", "UpdateInterpolation", "activation_stats", "gradient_alignment", "output_gradients",
     "jacobian_spectra", "representation_cosine",
     "LandscapeProbe", "HessianQuadForm", "TopHessianEigenvalue", "InternalCovariateShift", "ActivationQuantiles",
-    "IntrinsicGradNorm", "ScaleLemma", "scale_lemma_residuals", "TrainModeAccuracy", "PROBES", "ProbeEntry", "make_probe", "register_probe",
+    "IntrinsicGradNorm", "ScaleLemma", "scale_lemma_residuals", "TrainModeAccuracy", "SanturkarTerms", "SanturkarCurvature", "SpectrumProbe", "PROBES", "ProbeEntry", "make_probe", "register_probe",
 ]

@@ -33,82 +33,120 @@ ROW = 256
 #: Elements per float32 partial dot product (one BLAS call each) for larger tensors.
 DOT_CHUNK = 65536
 
-__all__ = ["sumsq64", "dot64", "EXACT_MAX", "ROW", "DOT_CHUNK"]
+__all__ = ["sumsq64", "dot64", "step_cache", "EXACT_MAX", "ROW", "DOT_CHUNK"]
 
 
-def _split(t: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(flat view, number of elements in whole rows)``; 0 rows for small or float64 tensors."""
-    flat = t.detach().reshape(-1)
-    n = flat.numel()
-    if n <= EXACT_MAX or flat.dtype != torch.float32 or flat.device.type != "cpu":
-        return flat, 0
-    return flat, n - n % ROW
+def _is_rows(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes the float32-rows path (else exact float64)."""
+    return t.numel() > EXACT_MAX and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
 def _reduce(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) -> torch.Tensor:
     k = len(xs)
     if k == 0:
         return torch.zeros(0, dtype=torch.float64)
-    dev = xs[0].device
-    out = torch.zeros(k, dtype=torch.float64, device=dev)
-    rows, row_ids, exact_x, exact_y, exact_ids = [], [], [], [], []
+    parts: list[torch.Tensor] = []  # per-tensor float64 0-dim results of the large tensors, in order
+    large_ids: list[int] = []
+    exact_x, exact_y, exact_ids, exact_lens = [], [], [], []
     for i in range(k):
-        fx, m = _split(xs[i])
-        fy = None if ys is None else ys[i].detach().reshape(-1)
-        if m and fy is None:
-            r = torch.linalg.vector_norm(fx[:m].view(-1, ROW), dim=1).to(torch.float64).square()
-            rows.append(r)
-            row_ids.append((i, r.numel()))
-        elif m:  # BLAS dot products of DOT_CHUNK elements (no product temporary), added in float64
-            m = fx.numel()
-            r = torch.stack([torch.dot(fx[j:j + DOT_CHUNK], fy[j:j + DOT_CHUNK]) for j in range(0, m, DOT_CHUNK)])
-            rows.append(r.to(torch.float64))
-            row_ids.append((i, r.numel()))
-        if m < fx.numel():
-            exact_x.append(fx[m:])
-            if fy is not None:
-                exact_y.append(fy[m:])
-            exact_ids.append((i, fx.numel() - m))
-    if rows:
-        _segment_add(out, torch.cat(rows) if len(rows) > 1 else rows[0], row_ids)
-    if exact_x:
-        x64 = (torch.cat(exact_x) if len(exact_x) > 1 else exact_x[0]).to(torch.float64)
+        x = xs[i].detach()
+        if not _is_rows(x):
+            exact_x.append(x.reshape(-1))
+            if ys is not None:
+                exact_y.append(ys[i].detach().reshape(-1))
+            exact_ids.append(i)
+            exact_lens.append(x.numel())
+            continue
+        fx = x.reshape(-1)
         if ys is None:
-            prod = x64 * x64
-        else:
-            prod = x64 * (torch.cat(exact_y) if len(exact_y) > 1 else exact_y[0]).to(torch.float64)
-        _segment_add(out, prod, exact_ids)
+            n = fx.numel()
+            m = n - n % ROW
+            r = torch.linalg.vector_norm(fx[:m].view(-1, ROW), dim=1).to(torch.float64)
+            total = torch.dot(r, r)
+            if m < n:
+                tail = fx[m:].to(torch.float64)
+                total = total + torch.dot(tail, tail)
+        else:  # BLAS dot products of DOT_CHUNK elements (no product temporary), added in float64
+            fy = ys[i].detach().reshape(-1)
+            total = torch.stack([torch.dot(fx[j:j + DOT_CHUNK], fy[j:j + DOT_CHUNK])
+                                 for j in range(0, fx.numel(), DOT_CHUNK)]).to(torch.float64).sum()
+        parts.append(total)
+        large_ids.append(i)
+    dev = xs[0].device
+    if not exact_x:
+        return torch.stack(parts)
+    x64 = (torch.cat(exact_x) if len(exact_x) > 1 else exact_x[0]).to(torch.float64)
+    if ys is None:
+        prod = x64 * x64
+    else:
+        prod = x64 * (torch.cat(exact_y) if len(exact_y) > 1 else exact_y[0]).to(device=x64.device, dtype=torch.float64)
+    if len(exact_x) == 1:
+        small = prod.sum().reshape(1)
+    else:
+        small = torch.segment_reduce(prod, "sum", lengths=torch.tensor(exact_lens, device=prod.device))
+    if not parts:
+        return small.to(dev)
+    out = torch.empty(k, dtype=torch.float64, device=dev)
+    out[_index(large_ids, dev)] = torch.stack(parts)
+    out[_index(exact_ids, dev)] = small.to(dev)
     return out
 
 
 _IDX_CACHE: dict = {}
 
 
-def _segment_add(out: torch.Tensor, values: torch.Tensor, segments: list[tuple[int, int]]) -> None:
-    """``out[i] += sum of the next n values`` for each ``(i, n)`` in ``segments`` (in order)."""
-    if len(segments) == 1:
-        i, _ = segments[0]
-        out[i] += values.sum()
-        return
-    key = (tuple(segments), str(out.device))
+def _index(ids: list[int], device) -> torch.Tensor:
+    key = (tuple(ids), str(device))
     idx = _IDX_CACHE.get(key)
     if idx is None:
-        if len(_IDX_CACHE) > 64:
+        if len(_IDX_CACHE) > 256:
             _IDX_CACHE.clear()
-        ids = torch.tensor([i for i, _ in segments], dtype=torch.long)
-        counts = torch.tensor([n for _, n in segments], dtype=torch.long)
-        idx = _IDX_CACHE[key] = torch.repeat_interleave(ids, counts).to(out.device)
-    out.index_add_(0, idx, values)
+        idx = _IDX_CACHE[key] = torch.tensor(ids, dtype=torch.long, device=device)
+    return idx
 
 
-def sumsq64(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[Σ t²  for t in tensors]`` as a float64 tensor (see the module docstring for the accuracy)."""
-    return _reduce(list(tensors), None)
+def _cached(kind: str, xs: list, ys: list | None, cache: dict | None) -> torch.Tensor:
+    """The reduction, reusing values other probes computed for the same tensors in this step.
+
+    ``cache`` (a probe passes ``ctx.scratch``-held dict, fresh every step) maps
+    ``(kind, id(x), x._version[, id(y), y._version])`` to a float64 0-dim tensor. ``_version``
+    changes with every in-place write (the optimizer's update), so the values from
+    ``after_backward`` are never reused at ``after_step``.
+    """
+    if cache is None or not xs:
+        return _reduce(xs, ys)
+    keys = [(kind, id(x), x._version) if ys is None else (kind, id(x), x._version, id(y), y._version)
+            for x, y in zip(xs, ys if ys is not None else xs)]
+    ys_ = ys if ys is not None else [None] * len(xs)
+    # an entry holds its tensors: they stay alive for the step, so their ids cannot be reused
+    missing = [i for i, key in enumerate(keys)
+               if key not in cache or cache[key][0] is not xs[i] or cache[key][1] is not ys_[i]]
+    if missing:
+        vals = _reduce([xs[i] for i in missing], None if ys is None else [ys[i] for i in missing])
+        for j, i in enumerate(missing):
+            cache[keys[i]] = (xs[i], ys_[i], vals[j])
+        if len(missing) == len(keys):
+            return vals
+    return torch.stack([cache[key][2] for key in keys])
 
 
-def dot64(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[Σ x·y  for x, y in zip(xs, ys)]`` as a float64 tensor (pairs of equal size)."""
+def sumsq64(tensors: Sequence[torch.Tensor], cache: dict | None = None) -> torch.Tensor:
+    """``[Σ t²  for t in tensors]`` as a float64 tensor (see the module docstring for the accuracy).
+
+    ``cache``: a dict shared by the probes of one step (e.g. ``ctx.scratch.setdefault("reduce", {})``).
+    """
+    return _cached("sq", list(tensors), None, cache)
+
+
+def dot64(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], cache: dict | None = None) -> torch.Tensor:
+    """``[Σ x·y  for x, y in zip(xs, ys)]`` as a float64 tensor (pairs of equal size); ``cache`` as in :func:`sumsq64`."""
     xs, ys = list(xs), list(ys)
     if len(xs) != len(ys):
         raise ValueError(f"dot64: {len(xs)} tensors against {len(ys)}")
-    return _reduce(xs, ys)
+    return _cached("dot", xs, ys, cache)
+
+
+def step_cache(ctx) -> dict | None:
+    """The reduction cache of this step's probes (``ctx.scratch``), or ``None`` without a context."""
+    scratch = getattr(ctx, "scratch", None)
+    return None if scratch is None else scratch.setdefault("bnlab.reduce", {})

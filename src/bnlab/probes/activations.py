@@ -114,14 +114,16 @@ class ChannelStats:
 LayerStats = dict
 
 
-def _fast_moments(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fast_moments(h: torch.Tensor, scratch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, std, absmax)`` of ``h`` as tensors on ``h``'s device, for the cheap probe.
 
     The same quantities as :meth:`ChannelStats.of`, by fast vectorized reductions instead of a
     transposed float64 copy and Welford's ``std_mean`` (10x faster on CPU): partial sums per
     example and channel in ``h``'s dtype, added in float64; the variance two-pass, from the
     output centred at the float32-rounded mean ``m'`` (``Var = E[(h - m')²] - (m - m')²``);
-    ``absmax = max(max h, -min h)``. Relative error ~1e-7 for float32 outputs.
+    ``absmax = max(max h, -min h)``. Relative error ~1e-7 for float32 outputs. ``scratch`` (a dict
+    the caller keeps) holds a buffer reused for the centred output, so that no fresh memory is
+    allocated (and page-faulted) per layer and step.
     """
     h = h.detach()
     if h.dim() == 1:
@@ -131,9 +133,16 @@ def _fast_moments(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     count = hv.shape[0] * hv.shape[2]
     mean = hv.sum(2).to(torch.float64).sum(0) / count
     m_rounded = mean.to(h.dtype)
-    centred = torch.linalg.vector_norm(hv - m_rounded.view(1, c, 1), dim=2).to(torch.float64).square().sum(0) / count
+    out = None
+    if scratch is not None:
+        buf = scratch.get("buf")
+        if buf is None or buf.numel() < hv.numel() or buf.dtype != hv.dtype or buf.device != hv.device:
+            buf = scratch["buf"] = torch.empty(hv.numel(), dtype=hv.dtype, device=hv.device)
+        out = buf[:hv.numel()].view(hv.shape)
+    cen = torch.sub(hv, m_rounded.view(1, c, 1), out=out)
+    centred = torch.linalg.vector_norm(cen, dim=2).to(torch.float64).square().sum(0) / count
     var = (centred - (mean - m_rounded.to(torch.float64)).square()).clamp_min(0.0)
-    absmax = torch.maximum(hv.amax(dim=(0, 2)), -hv.amin(dim=(0, 2)))
+    absmax = torch.maximum(hv.amax(2).amax(0), hv.amin(2).amin(0).neg())
     return mean, var.sqrt(), absmax
 
 
@@ -197,6 +206,7 @@ class _Recorder:
         self.model = model
         self.layers = select_layers(model, layers)
         self.fast = fast  # store _fast_moments tuples (device tensors) instead of ChannelStats
+        self._scratch: dict = {}
         self.active = False
         self.stats: LayerStats = {}
         self._handles: list = []
@@ -224,7 +234,7 @@ class _Recorder:
                 k += 1
                 key = f"{name}#{k}"
             with torch.no_grad():
-                self.stats[key] = _fast_moments(out) if self.fast else ChannelStats.of(out)
+                self.stats[key] = _fast_moments(out, self._scratch) if self.fast else ChannelStats.of(out)
             return None
 
         return hook

@@ -11,16 +11,16 @@ import math
 
 import torch
 
-from ._reduce import sumsq64
+from ._reduce import step_cache, sumsq64
 from .base import Probe, StepContext
 
 
-def _global_norm(tensors) -> float:
+def _global_norm(tensors, cache: dict | None = None) -> float:
     """``sqrt(Σ_t ‖t‖²)`` over the tensors that are not ``None`` (0 for none), accumulated in float64."""
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return 0.0
-    return math.sqrt(float(sumsq64(tensors).sum()))
+    return math.sqrt(float(sumsq64(tensors, cache).sum()))
 
 
 class GradNorm(Probe):
@@ -29,7 +29,7 @@ class GradNorm(Probe):
     name = "grad_norm"
 
     def after_backward(self, ctx: StepContext) -> dict:
-        return {"total": _global_norm(p.grad for p in ctx.model.parameters() if p.requires_grad)}
+        return {"total": _global_norm((p.grad for p in ctx.model.parameters() if p.requires_grad), step_cache(ctx))}
 
 
 class WeightNorm(Probe):
@@ -38,7 +38,7 @@ class WeightNorm(Probe):
     name = "weight_norm"
 
     def after_step(self, ctx: StepContext) -> dict:
-        return {"total": _global_norm(p for p in ctx.model.parameters() if p.requires_grad)}
+        return {"total": _global_norm((p for p in ctx.model.parameters() if p.requires_grad), step_cache(ctx))}
 
 
 class LearningRate(Probe):

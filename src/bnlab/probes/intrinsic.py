@@ -81,14 +81,14 @@ class IntrinsicGradNorm(Probe):
         t = t.detach().to(torch.float64)
         return float(torch.sum(t * t))
 
-    def _norms(self, si_grads, other_grads) -> dict:
+    def _norms(self, si_grads, other_grads, cache=None) -> dict:
         # float64 sums of squares without float64 copies, read with one host sync (bnlab.probes._reduce)
         from ._reduce import sumsq64
 
         pairs = [(w, g) for w, g in zip(self.si, si_grads) if g is not None]
         others = [g for g in other_grads if g is not None]
         k = len(pairs)
-        sq = sumsq64([w for w, _ in pairs] + [g for _, g in pairs] + others).cpu()
+        sq = sumsq64([w for w, _ in pairs] + [g for _, g in pairs] + others, cache).cpu()
         si = float((sq[:k] * sq[k:2 * k]).sum()) if k else 0.0
         other = float(sq[2 * k:].sum()) if others else 0.0
         return {"grad_norm_sq": si + other, "si_grad_norm_sq": si, "other_grad_norm_sq": other}
@@ -96,7 +96,9 @@ class IntrinsicGradNorm(Probe):
     def after_backward(self, ctx: StepContext) -> dict | None:
         if self.objective is not None:
             return None
-        return self._norms([w.grad for w in self.si], [p.grad for p in self.other])
+        from ._reduce import step_cache
+
+        return self._norms([w.grad for w in self.si], [p.grad for p in self.other], step_cache(ctx))
 
     def before_step(self, ctx: StepContext) -> dict | None:
         if self.objective is None:

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..scale import ScaleInvariantGroup, effective_lr, norm_identity_residual
-from ._reduce import dot64, sumsq64
+from ._reduce import dot64, step_cache, sumsq64
 from .base import Probe, StepContext
 
 __all__ = ["ScaleInvariantStats"]
@@ -105,19 +105,20 @@ class ScaleInvariantStats(Probe):
         if not self.groups:
             return None
         lrs = _lr_by_param(ctx.optimizer)
-        ws = [p.detach() for _, p in self.groups]
+        ws = [p for _, p in self.groups]  # the parameters themselves: keys of the step's shared cache
         with_grad = [i for i, (_, p) in enumerate(self.groups) if p.grad is not None]
-        gs = [self.groups[i][1].grad.detach() for i in with_grad]
+        gs = [self.groups[i][1].grad for i in with_grad]
+        cache = step_cache(ctx)
         # all sums in one float64 vector, read with one host sync
-        w2s = sumsq64(ws)
+        w2s = sumsq64(ws, cache)
         g2s = torch.zeros_like(w2s)
         dots = torch.zeros_like(w2s)
         if with_grad:
             idx = torch.tensor(with_grad, device=w2s.device)
-            g2s[idx] = sumsq64(gs)
-            dots[idx] = dot64([ws[i] for i in with_grad], gs)
+            g2s[idx] = sumsq64(gs, cache)
+            dots[idx] = dot64([ws[i] for i in with_grad], gs, cache)
         w2l, g2l, dotl = torch.stack([w2s, g2s, dots]).tolist()
-        self._copy_weights(ws)
+        self._copy_weights([w.detach() for w in ws])
         out: dict = {}
         saved = {}
         tot_w2 = tot_g2 = tot_dot = tot_wg2 = 0.0
@@ -143,9 +144,9 @@ class ScaleInvariantStats(Probe):
         saved, self._saved = self._saved, None
         if not saved or saved["step"] != ctx.step:
             return None
-        ws = [p.detach() for _, p in self.groups]
-        w2a = sumsq64(ws)
-        torch._foreach_sub_(self._bufs, ws)  # w_t - w_{t+1}, in place in the probe's buffers
+        ws = [p for _, p in self.groups]
+        w2a = sumsq64(ws, step_cache(ctx))
+        torch._foreach_sub_(self._bufs, [w.detach() for w in ws])  # w_t - w_{t+1}, in place in the probe's buffers
         d2 = sumsq64(self._bufs)
         w2al, d2l = torch.stack([w2a, d2]).tolist()
         out: dict = {}
