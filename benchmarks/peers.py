@@ -2,9 +2,10 @@
 
 Run: ``.venv/bin/python benchmarks/peers.py [--width W] [--batch B] [--image-size S] [--quick]
 [--threads N]`` (the peers come with the ``bench`` extra: ``pip install -e '.[bench]'``).
-The default (ResNet-18 at width 16, batch 16, 32x32 inputs, one thread) takes about 5 minutes on
-a 2-core CPU; ``--width 64`` is torchvision's full ResNet-18 (11.2 M parameters, ~10x slower per
-HVP); ``--quick`` shrinks everything for a smoke run (under a minute).
+The default (ResNet-18 at width 16, batch 16, 32x32 inputs, one thread) took 3.6 minutes on the
+2-core CPU with other jobs running; ``--width 64`` is torchvision's full ResNet-18 (11.2 M
+parameters, ~8x slower per HVP; ``--tasks 0`` times only the HVP there); ``--quick`` shrinks
+everything for a smoke run (about a minute).
 
 Model: ``bnlab.models.resnet.resnet18``, torchvision's published layout (conv 7x7/2, max-pool,
 four stages of two BasicBlocks, BN after every conv), random inputs and labels, cross-entropy.

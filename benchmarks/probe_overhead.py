@@ -153,7 +153,11 @@ def build_cases(b: Bench, quick: bool, only=None) -> list[Case]:
     for name in sorted(PROBES):
         if not want(name):
             continue
-        probe = make_probe(name, b.model, batch, F.cross_entropy, every=1)
+        try:
+            probe = make_probe(name, b.model, batch, F.cross_entropy, every=1)
+        except Exception as e:  # noqa: BLE001  (reported in the table, not measured)
+            BUILD_FAILED[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
+            continue
         cheap = probe.cost == "cheap"
         cases.append(Case(name, probe.cost, [probe], slot if cheap else 1, rounds_cheap if cheap else rounds_std))
     cheap_names = sorted(n for n, e in PROBES.items() if e.cost == "cheap")
@@ -236,8 +240,14 @@ def main(argv=None) -> int:
     for _ in range(2 if a.quick else 4):  # warm-up
         b.bare_step()
     cases = build_cases(b, a.quick, set(a.only.split(";")) if a.only else None)
-    for c in cases:  # one warm-up step each (first-call allocations, hooks)
-        b.monitored_step(c.monitor)
+    failed = dict(BUILD_FAILED)
+    for c in cases:  # one warm-up step each (first-call allocations, hooks); a probe that fails is reported
+        try:
+            b.monitored_step(c.monitor)
+        except Exception as e:  # noqa: BLE001  (reported in the table, not measured)
+            failed[c.name] = f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
+            b.opt.zero_grad(set_to_none=True)
+    cases = [c for c in cases if c.name not in failed]
     t0 = time.perf_counter()
     run_cases(b, cases, lambda s: print(f"  {s}  ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True))
     if a.no_train:
@@ -264,6 +274,8 @@ def main(argv=None) -> int:
         per_call[c.name] = extra
         spc = f"{extra:>12.2f}" if c.declared != "cheap" else f"{'':>12}"
         print(f"{c.name:<40}{c.declared:>10}{rc:>9.3f}{rw:>8.3f}{measured_class(rc):>10}{spc}{len(c.cpu):>8}")
+    for name, err in failed.items():
+        print(f"{name:<40}{'':>10}  FAILED on this model: {err}")
     rc, rw = statistics.median(tr_cpu if primary == "cpu" else tr_wall), statistics.median(tr_wall)
     print(f"{'bnlab.train loop vs bare loop':<40}{'':>10}{rc:>9.3f}{rw:>8.3f}{'':>10}{'':>12}{len(tr_cpu):>8}")
     if PRESETS:
@@ -271,12 +283,16 @@ def main(argv=None) -> int:
         for pname, preset in PRESETS.items():
             core = statistics.median(next(c for c in cases if c.name == f"preset {pname}: every-step core").cpu) \
                 if any(c.name == f"preset {pname}: every-step core" for c in cases) else float("nan")
-            sched = sum(per_call.get(n, float("nan")) / every for n, every in preset.probes if every > 1)
-            print(f"  {pname:<10} core {core:.3f}x + scheduled {sched:.3f} = {core + sched:.2f}x a bare step")
+            sched = [(n, every) for n, every in preset.probes if every > 1]
+            known = sum(per_call[n] / every for n, every in sched if n in per_call)
+            unknown = [n for n, _ in sched if n not in per_call]
+            note = f"  (not measured: {', '.join(unknown)})" if unknown else ""
+            print(f"  {pname:<10} core {core:.3f}x + scheduled {known:.3f} = {core + known:.2f}x a bare step{note}")
     return 0
 
 
 args_rounds, args_slot = 15, 2
+BUILD_FAILED: dict = {}
 
 if __name__ == "__main__":
     sys.exit(main())

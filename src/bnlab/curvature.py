@@ -837,10 +837,12 @@ def hessian_trace(
     rest, ``n − n_s − r ≥ n/3``, on Hutchinson's estimate of ``tr((I−QQᵀ) H (I−QQᵀ))`` with
     projected Rademacher vectors. Since ``tr H = tr(QᵀHQ) + tr((I−QQᵀ)H(I−QQᵀ))`` for any
     orthonormal ``Q``, it is unbiased, and **exact when** ``rank H ≤ n_s`` (then ``Q`` spans
-    the range of ``H``, almost surely for a Gaussian ``S``). When the spectrum
-    decays (a few large eigenvalues, as in a network's Hessian), the sketch captures them and
-    the variance drops: error ``O(1/n)`` instead of ``O(1/√n)`` for PSD ``H``. It stores ``n_s``
-    vectors of the parameter size. With ``n < 3`` it is Hutchinson's.
+    the range of ``H``, almost surely for a Gaussian ``S``). When a few eigenvalues carry most of
+    ``‖H‖_F²`` (e.g. the outliers of a network's Hessian), the sketch captures them and the
+    variance drops: error ``O(1/n)`` instead of ``O(1/√n)`` for PSD ``H``. On a flat spectrum
+    the residual part has only ``~n/3`` samples and the spread can be up to ``√3`` times
+    Hutchinson's (on a randomly initialized ResNet-18, benchmarks/peers.py, the two were about
+    equal). It stores ``n_s`` vectors of the parameter size. With ``n < 3`` it is Hutchinson's.
 
     One HVP per sample; the samples share one forward/backward graph (see
     :class:`HessianOperator`).

@@ -38,9 +38,9 @@ SMOKE_BATCH = 16
 #: the largest ``epochs`` in a smoke run (the step cap applies anyway)
 SMOKE_EPOCHS = 1.0
 #: the largest example count (``*subset*``, ``*_examples`` settings) in a smoke run
-SMOKE_EXAMPLES = 64
+SMOKE_EXAMPLES = 32
 #: CIFAR-10 examples in a smoke run (train, test) and at most per evaluation pass
-SMOKE_TRAIN, SMOKE_TEST, SMOKE_EVAL = 512, 256, 64
+SMOKE_TRAIN, SMOKE_TEST, SMOKE_EVAL = 128, 64, 64
 
 
 @dataclass(frozen=True)

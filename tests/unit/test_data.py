@@ -93,7 +93,7 @@ def test_batches_cover_each_example_once_and_are_deterministic():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(name="imagenet"), "unknown dataset 'imagenet'; accepted: cifar10, digits, mnist1d, synthetic"),
+    (dict(name="imagenet"), "unknown dataset 'imagenet'; accepted: cifar10, cifar10-synthetic, digits, mnist1d, synthetic"),
     (dict(name="digits", split="val"), "unknown split 'val'; accepted: test, train"),
     (dict(name="digits", bogus=1), "unexpected keyword"),
     (dict(name="synthetic", n=0), "synthetic n must be a finite number > 0"),

@@ -64,7 +64,7 @@ def test_dot64_matches_float64_with_cancellation():
     for x, y, v in zip(xs, ys, got):
         xd, yd = x.double().reshape(-1), y.double().reshape(-1)
         scale = float((xd * yd).abs().sum())
-        assert abs(v - float(xd @ yd)) <= 1e-8 * scale, x.shape
+        assert abs(v - float(xd @ yd)) <= 5e-8 * scale, x.shape
     assert dot64([], []).numel() == 0 and sumsq64([]).numel() == 0
     with pytest.raises(ValueError):
         dot64(xs, ys[:-1])
@@ -96,6 +96,24 @@ def test_fast_moments_match_channel_stats(shape, offset):
     torch.testing.assert_close(mean, ref.mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(std, ref.std, rtol=1e-5, atol=1e-7)  # offset/std = 140: the two-pass variance holds
     torch.testing.assert_close(absmax.double(), ref.absmax, rtol=0, atol=0)
+
+
+def test_deferred_moments_and_batched_summaries_match_channel_stats():
+    from bnlab.probes.activations import _finish_moments, _flat, _flat_summaries, _raw_moments
+
+    g = torch.Generator().manual_seed(6)
+    hs = [torch.randn(16, 8, 5, 5, generator=g) * 0.5 + 30.0, torch.randn(16, 6, generator=g) - 1, torch.randn(16, 3, 7, generator=g)]
+    scratch: dict = {}
+    got = _finish_moments([_raw_moments(h, scratch) for h in hs])  # one batch size: all layers together
+    odd = _finish_moments([_raw_moments(hs[0], scratch), _raw_moments(torch.randn(5, 4, generator=g), scratch)])  # two sizes
+    for (mean, std, absmax), h in zip(got + odd[:1], hs + hs[:1]):
+        ref = ChannelStats.of(h)
+        torch.testing.assert_close(mean, ref.mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(std, ref.std, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(absmax, ref.absmax, rtol=0, atol=0)
+    stats = {f"l{i}": ChannelStats(*m) for i, m in enumerate(got)}
+    fast, slow = _flat_summaries(stats), _flat(stats, False)
+    assert fast.keys() == slow.keys() and all(fast[k] == pytest.approx(slow[k], rel=1e-12) for k in slow)
 
 
 def test_fast_moments_propagate_non_finite():
@@ -178,10 +196,26 @@ def test_presets_build_their_schedules_and_train_takes_a_preset_name():
         make_preset("cheapest", net, data.full_batch())
     with pytest.raises(UserError, match="needs a sample batch"):
         make_preset("business", net)
-    assert len(make_preset("economy", net)) == 3
+    assert len(make_preset("economy", net)) == 4  # needs no batch
     # bnlab.train takes a preset name and builds it for the model and the data
     opt = make_optimizer(net.parameters(), lr=0.05)
     h = train(net, data, opt, steps=3, batch_size=16, probes="economy", device="cpu", eval_train=False)
     assert all({"grad_norm/total", "weight_norm/total", "lr/0"} <= set(r) for r in h.records)
     with pytest.raises(UserError, match="unknown preset"):
         train(net, data, opt, steps=1, batch_size=16, probes="nope", device="cpu")
+
+
+def test_step_cache_shares_values_and_never_serves_a_stale_one():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(100_000, generator=g)
+    v = torch.randn(300, generator=g)
+    cache: dict = {}
+    first = sumsq64([w, v], cache)
+    assert torch.equal(sumsq64([v, w], cache), first.flip(0))  # served from the cache
+    with torch.no_grad():
+        w.mul_(2.0)  # an in-place write (as the optimizer's) bumps the version: recomputed
+    again = sumsq64([w, v], cache).tolist()
+    assert again[0] == pytest.approx(4 * first[0].item(), rel=1e-7) and again[1] == first[1].item()
+    y = v.repeat(334)[:100_000]
+    d = dot64([w], [y], cache).item()
+    assert abs(d - float(w.double() @ y.double())) <= 5e-8 * float((w.double() * y.double()).abs().sum())

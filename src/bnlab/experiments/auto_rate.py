@@ -540,7 +540,10 @@ class AutoRate(Experiment):
     @staticmethod
     def _find_groups(cfg: Config, net: torch.nn.Module, tr) -> tuple[list[str], list[dict]]:
         """Names of the scale-invariant groups used (the per-channel invariant tensors) and all found."""
-        batch = tr.subset(min(len(tr), 512)).full_batch()
+        from ..paper import SMOKE_BATCH, current
+
+        n = min(len(tr), 512 if not current().smoke else SMOKE_BATCH)  # a smoke run: float64 passes of a few images
+        batch = tr.subset(n).full_batch()
         found = find_scale_invariant(net, batch, F.cross_entropy, seed=cfg.seed)
         listing = [{"name": g.param_name, "per_channel": g.per_channel, "max_violation": g.max_violation, "used": g.per_channel}
                    for g in found]

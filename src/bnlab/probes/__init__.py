@@ -38,7 +38,7 @@ from .landscape import LandscapeProbe
 from .scale import ScaleInvariantStats
 from .spectrum import SpectrumProbe
 from .theory import SanturkarCurvature, SanturkarTerms
-from .registry import PROBES, ProbeEntry, make_probe, register_probe
+from .registry import PRESETS, PROBES, Preset, ProbeEntry, make_preset, make_probe, register_preset, register_probe
 
 __all__ = [
     "COST_CLASSES", "Probe", "StepContext", "every_n", "log_spaced",
@@ -47,4 +47,5 @@ __all__ = [
     "jacobian_spectra", "representation_cosine",
     "LandscapeProbe", "HessianQuadForm", "TopHessianEigenvalue", "InternalCovariateShift", "ActivationQuantiles",
     "IntrinsicGradNorm", "ScaleLemma", "scale_lemma_residuals", "TrainModeAccuracy", "SanturkarTerms", "SanturkarCurvature", "SpectrumProbe", "PROBES", "ProbeEntry", "make_probe", "register_probe",
+    "PRESETS", "Preset", "make_preset", "register_preset",
 ]

@@ -12,7 +12,7 @@ a host synchronization (read the result with one ``.tolist()``):
   and the row sums are added in float64; dot products are BLAS dot products of
   :data:`DOT_CHUNK` elements added in float64. The error is that of a short float32 sum (and of
   the float32 square root ``vector_norm`` rounds each row to) averaged over the rows: a few 1e-8
-  relative at most (1e-8 of ``Σ|x·y|`` for a dot product), where a plain float32 ``vector_norm``
+  relative at most (a few 1e-8 of ``Σ|x·y|`` for a dot product), where a plain float32 ``vector_norm``
   of the same tensor is off by 1e-7 to 1e-4 (ResNet-18's largest filter bank); at the speed of
   one float32 pass.
 

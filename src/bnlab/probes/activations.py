@@ -146,6 +146,53 @@ def _fast_moments(h: torch.Tensor, scratch: Optional[dict] = None) -> tuple[torc
     return mean, var.sqrt(), absmax
 
 
+def _raw_moments(h: torch.Tensor, scratch: dict) -> tuple:
+    """The passes over ``h`` that :class:`ActivationStats` needs, the arithmetic left for later.
+
+    Returns ``(s, q, mx, mn, k, count)``: per example and channel (``N x C``, ``h``'s dtype) the sum
+    ``s``, the norm ``q`` of ``h - k`` (``k`` per channel: the float32 mean, any shift gives the exact
+    identity ``Var = E[(h - k)²] - (E[h] - k)²``; the mean makes it well conditioned), the max and
+    the min; ``count`` values per channel. :func:`_finish_moments` turns a step's worth of these
+    into ``(mean, std, absmax)`` with a few operations for all layers together.
+    """
+    h = h.detach()
+    if h.dim() == 1:
+        h = h[:, None]
+    n, c = h.shape[0], h.shape[1]
+    hv = h.reshape(n, c, -1)
+    count = n * hv.shape[2]
+    s = hv.sum(2)
+    k = s.sum(0) / count
+    buf = scratch.get("buf")
+    if buf is None or buf.numel() < hv.numel() or buf.dtype != hv.dtype or buf.device != hv.device:
+        buf = scratch["buf"] = torch.empty(hv.numel(), dtype=hv.dtype, device=hv.device)
+    cen = torch.sub(hv, k.view(1, c, 1), out=buf[:hv.numel()].view(hv.shape))
+    return s, torch.linalg.vector_norm(cen, dim=2), hv.amax(2), hv.amin(2), k, count
+
+
+def _finish_moments(raws: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(mean, std, absmax)`` (float64, on the device) per entry of ``raws`` (from :func:`_raw_moments`)."""
+    if not raws:
+        return []
+    if len({r[0].shape[0] for r in raws}) > 1:  # layers see different batch sizes: one by one
+        return [m for r in raws for m in _finish_moments([r])]
+    sizes = [r[0].shape[1] for r in raws]
+    dev = raws[0][0].device
+    counts = torch.repeat_interleave(torch.tensor([float(r[5]) for r in raws], dtype=torch.float64),
+                                     torch.tensor(sizes)).to(dev)
+    mean = torch.cat([r[0] for r in raws], 1).to(torch.float64).sum(0) / counts
+    q = torch.cat([r[1] for r in raws], 1).to(torch.float64)
+    shift = mean - torch.cat([r[4] for r in raws]).to(torch.float64)
+    std = ((q * q).sum(0) / counts - shift * shift).clamp_min(0.0).sqrt()
+    absmax = torch.maximum(torch.cat([r[2] for r in raws], 1).amax(0), torch.cat([r[3] for r in raws], 1).amin(0).neg())
+    absmax = absmax.to(torch.float64)
+    out, i = [], 0
+    for c in sizes:
+        out.append((mean[i:i + c], std[i:i + c], absmax[i:i + c]))
+        i += c
+    return out
+
+
 def _is_container(m: nn.Module) -> bool:
     return isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
@@ -234,7 +281,7 @@ class _Recorder:
                 k += 1
                 key = f"{name}#{k}"
             with torch.no_grad():
-                self.stats[key] = _fast_moments(out, self._scratch) if self.fast else ChannelStats.of(out)
+                self.stats[key] = _raw_moments(out, self._scratch) if self.fast else ChannelStats.of(out)
             return None
 
         return hook
@@ -479,13 +526,31 @@ def _flat(stats: LayerStats, per_channel: bool) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------- probes
+def _flat_summaries(stats: LayerStats) -> dict[str, float]:
+    """``_flat(stats, False)`` (each layer's :meth:`ChannelStats.summary`) for all layers in three operations."""
+    if not stats:
+        return {}
+    lengths = torch.tensor([cs.mean.numel() for cs in stats.values()])
+    mean = torch.cat([cs.mean for cs in stats.values()])
+    std = torch.cat([cs.std for cs in stats.values()])
+    absmax = torch.cat([cs.absmax for cs in stats.values()])
+    rows = torch.stack([torch.segment_reduce(mean.abs(), "mean", lengths=lengths),
+                        torch.segment_reduce(std, "mean", lengths=lengths),
+                        torch.segment_reduce(absmax, "max", lengths=lengths)]).T.tolist()
+    out: dict[str, float] = {}
+    for layer, (a, sd, mx) in zip(stats, rows):
+        out[f"{layer}/abs_mean"], out[f"{layer}/std"], out[f"{layer}/absmax"] = a, sd, mx
+    return out
+
+
 def _to_channel_stats(raw: dict) -> LayerStats:
-    """``{layer: (mean, std, absmax)}`` device tensors -> ``{layer: ChannelStats}`` (float64, CPU), one transfer."""
+    """``{layer: _raw_moments(...)}`` -> ``{layer: ChannelStats}`` (float64, CPU), one transfer."""
     if not raw:
         return {}
     names = list(raw)
-    sizes = [raw[k][0].numel() for k in names]
-    flat = torch.cat([torch.cat([m, s, a.to(torch.float64)]) for m, s, a in raw.values()]).cpu()
+    moments = _finish_moments(list(raw.values()))
+    sizes = [m[0].numel() for m in moments]
+    flat = torch.cat([torch.cat([m, s, a]) for m, s, a in moments]).cpu()
     out, i = {}, 0
     for k, c in zip(names, sizes):
         out[k] = ChannelStats(flat[i:i + c], flat[i + c:i + 2 * c], flat[i + 2 * c:i + 3 * c])
@@ -515,8 +580,9 @@ class ActivationStats(Probe):
     The hooks compute the channel statistics on the output's device with fast reductions
     (``_fast_moments``: float64 totals of float32 partial sums, a two-pass variance; relative error
     ~1e-7 for float32 outputs, where :func:`activation_stats` is exact in float64) and the step's
-    numbers reach the host in one transfer: on ResNet-18 (batch 32, CPU) the probe costs a few
-    percent of a step.
+    numbers reach the host in one transfer. On ResNet-18 (batch 32 of 32x32 images, CPU, one
+    thread; 29 layers measured) it costs ~1.09x a bare step (it was 1.15x): about six passes over
+    each measured output plus ~20 small tensor operations per layer; ``every=10`` makes it ~1%.
 
     Records ``"<layer>/abs_mean"``, ``"<layer>/std"``, ``"<layer>/absmax"`` per layer (see the
     module docstring) and, with ``per_channel``, ``"<layer>/<c>/mean|std|absmax"`` per channel.
@@ -606,7 +672,7 @@ class ActivationStats(Probe):
             return {}
         if self.keep:
             self.history.append((ctx.step, stats))
-        return _flat(stats, self.per_channel)
+        return _flat(stats, self.per_channel) if self.per_channel else _flat_summaries(stats)
 
     def _release(self) -> None:
         if self._rec is not None:

@@ -1,15 +1,15 @@
 """Cheap probes every run can afford: norms of weights and gradients, the learning rate.
 
 The norms are sums of squares accumulated in float64 (:func:`bnlab.probes._reduce.sumsq64`: no
-float64 copy of a large tensor, one host synchronization per record), so on ResNet-18 each of
-these probes costs under 1% of a training step.
+float64 copy of a large tensor, one host synchronization per record, values shared with the other
+probes of the step): one read of the tensors. Measured on ResNet-18 (batch 32, CPU, one thread;
+``benchmarks/probe_overhead.py``): ``GradNorm`` and ``WeightNorm`` about 1.02-1.035x a bare step
+each, ``LearningRate`` within the noise (before: 1.06x, 1.01x).
 """
 
 from __future__ import annotations
 
 import math
-
-import torch
 
 from ._reduce import step_cache, sumsq64
 from .base import Probe, StepContext
