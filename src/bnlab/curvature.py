@@ -1098,6 +1098,9 @@ def layer_output_closure(
 
     def f(new) -> Tensor:
         y_new = new["y"] if isinstance(new, dict) else new
+        # A copy, not the tensor itself: a downstream in-place op (ReLU(inplace=True), as in
+        # torchvision's ResNets) must neither fail on a leaf nor change the caller's tensor.
+        y_new = y_new.clone()
         if on == "output":
             h = module.register_forward_hook(lambda mod, inp, out: y_new)
         else:

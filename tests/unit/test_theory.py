@@ -315,3 +315,27 @@ def test_thm42_single_channel_forms_the_papers_statement(name, shape):
     fd = float((V * (_ref_grad(net, batch, layer, "input", delta=h * V)[1]
                      - _ref_grad(net, batch, layer, "input", delta=-h * V)[1])).sum() / (2 * h))
     assert terms[layer].channels["lhs"][1] == pytest.approx(fd, rel=1e-6)
+
+
+def test_layer_output_closure_with_an_inplace_relu_downstream():
+    """torchvision-style ReLU(inplace=True) after BN: the same gradient and HVP as an out-of-place ReLU."""
+    from bnlab.curvature import hvp, layer_output_closure
+    torch.manual_seed(0)
+
+    def net(inplace):
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(inplace=inplace),
+                                   torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)).double()
+
+    batch = (torch.randn(8, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    out = {}
+    for inplace in (False, True):
+        m = net(inplace)
+        f, y = layer_output_closure(m, batch, torch.nn.functional.cross_entropy, m[1])
+        v = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=y.dtype)
+        yy = y.clone().requires_grad_(True)
+        g = torch.autograd.grad(f({"y": yy}), yy)[0]
+        out[inplace] = (g, hvp(f, {"y": y}, {"y": v})["y"], y)
+    assert torch.allclose(out[True][0], out[False][0], rtol=1e-12, atol=1e-15)
+    assert torch.allclose(out[True][1], out[False][1], rtol=1e-12, atol=1e-15)
+    assert out[True][1].abs().max() > 0

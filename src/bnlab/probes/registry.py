@@ -71,7 +71,7 @@ def make_probe(name: str, model: nn.Module, batch=None, loss_fn: Optional[Callab
 @dataclass(frozen=True)
 class Preset:
     """A named bundle of probes with their schedules, chosen by what it may cost
-    (``economy`` ~1.07x a bare step, ``business`` ~1.14x, ``full`` ~2.4x on ResNet-18, CPU).
+    (``economy`` ~1.07x a bare step, ``business`` ~1.1x, ``full`` ~2.4x on ResNet-18, CPU).
 
     Attributes:
         name: the preset's name.
@@ -233,11 +233,11 @@ def _register_presets() -> None:
     layout, batch 32 of 3x32x32, CPU, one thread, 2-core shared machine; the every-step part timed
     directly, each scheduled probe added as its measured cost per call / its interval)::
 
-        preset     every-step part   + scheduled   = total (x a bare training step)
-        economy    1.061             + 0.009       = 1.07
-        business   1.088             + 0.057       = 1.14
-        full       1.239             + 1.144       = 2.38   (santurkar-curvature not measured: it
-                                                             fails on a net with in-place ReLUs)
+        preset     every-step part   + scheduled    = total (x a bare training step, two runs)
+        economy    1.059-1.061       + 0.009        = 1.07
+        business   1.079-1.088       + 0.035-0.057  = 1.11-1.14
+        full       1.239-1.250       + 1.144        = 2.4    (santurkar-curvature not measured: it
+                                                              fails on a net with in-place ReLUs)
     """
     register_preset("economy", [("grad-norm", 1), ("weight-norm", 1), ("lr", 1), ("activation-stats", 10)],
                     "‖∇L‖, ‖w‖, learning rates every step, activation statistics every 10 steps; ~1.07x a bare step")
@@ -245,7 +245,7 @@ def _register_presets() -> None:
                                  ("scale-invariant", 10), ("activation-stats", 10), ("train-mode-accuracy", 50),
                                  ("hessian-quad-form", 200)],
                     "economy + the intrinsic gradient norm every step, the scale-invariant groups every 10 steps, "
-                    "train-mode accuracy every 50, gᵀHg/‖g‖² every 200; ~1.14x a bare step")
+                    "train-mode accuracy every 50, gᵀHg/‖g‖² every 200; ~1.1x a bare step")
     cheap = ("grad-norm", "weight-norm", "lr", "scale-invariant", "intrinsic-grad-norm")
     standard = sorted(n for n, e in PROBES.items() if e.cost == "standard")
     expensive = sorted(n for n, e in PROBES.items() if e.cost == "expensive")

@@ -52,7 +52,7 @@ class ScaleInvariantStats(Probe):
     traffic: about eleven reads/writes of the scale-invariant weights' size per step (norms of
     ``w_t``, ``g_t``, ``w_{t+1}``, ``⟨w_t, g_t⟩``, the copy of ``w_t`` and ``‖w_t - w_{t+1}‖``), more
     than the optimizer's own update. On ResNet-18 (batch 32 of 32x32 images, CPU, one thread,
-    ``benchmarks/probe_overhead.py``) that is ~1.2x a bare step (it was 4.0x): run it every few
+    ``benchmarks/probe_overhead.py``) that is 1.2-1.26x a bare step (it was 4.0x): run it every few
     steps (``every=10`` in the ``business`` preset) where that matters.
 
     Args:
