@@ -102,7 +102,8 @@ def test_deferred_moments_and_batched_summaries_match_channel_stats():
     from bnlab.probes.activations import _finish_moments, _flat, _flat_summaries, _raw_moments
 
     g = torch.Generator().manual_seed(6)
-    hs = [torch.randn(16, 8, 5, 5, generator=g) * 0.5 + 30.0, torch.randn(16, 6, generator=g) - 1, torch.randn(16, 3, 7, generator=g)]
+    hs = [torch.randn(16, 8, 5, 5, generator=g) * 0.5 + 30.0, torch.randn(16, 6, generator=g) - 1, torch.randn(16, 3, 7, generator=g),
+          torch.randn(16, 5, 9, 9, generator=g) * 2 - 3]  # maps of 1, 7, 25 positions (max over examples first) and 81
     scratch: dict = {}
     got = _finish_moments([_raw_moments(h, scratch) for h in hs])  # one batch size: all layers together
     odd = _finish_moments([_raw_moments(hs[0], scratch), _raw_moments(torch.randn(5, 4, generator=g), scratch)])  # two sizes
@@ -219,3 +220,58 @@ def test_step_cache_shares_values_and_never_serves_a_stale_one():
     y = v.repeat(334)[:100_000]
     d = dot64([w], [y], cache).item()
     assert abs(d - float(w.double() @ y.double())) <= 5e-8 * float((w.double() * y.double()).abs().sum())
+
+
+def test_norms_dot64_equals_the_separate_reductions_bit_for_bit():
+    """One sweep gives exactly sumsq64/dot64's values (the same partial sums), shares them through the
+    step cache both ways, and matches float64."""
+    from bnlab.probes._reduce import FUSE_CHUNK, norms_dot64
+
+    g = torch.Generator().manual_seed(9)
+    n_big = FUSE_CHUNK + 3 * DOT_CHUNK + 5 * ROW  # several sweep chunks, a partial last one
+    xs = [torch.randn(n_big, generator=g), torch.randn(300, generator=g), torch.randn(EXACT_MAX + 7, generator=g),
+          torch.randn(70_000, generator=g, dtype=torch.float64)]
+    ys = [torch.randn(x.shape, generator=g, dtype=x.dtype) * 1e-2 for x in xs]
+    got = norms_dot64(xs, ys)
+    sep = torch.stack([sumsq64(xs), sumsq64(ys), dot64(xs, ys)])
+    assert torch.equal(got, sep)
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        xd, yd = x.double(), y.double()
+        assert got[0, i].item() == pytest.approx(float(xd @ xd), rel=5e-8)
+        assert got[1, i].item() == pytest.approx(float(yd @ yd), rel=5e-8)
+        assert abs(got[2, i].item() - float(xd @ yd)) <= 5e-8 * float((xd * yd).abs().sum())
+    cache: dict = {}
+    first = norms_dot64(xs, ys, cache)
+    assert torch.equal(first, sep) and len(cache) == 3 * len(xs)
+    assert torch.equal(sumsq64(ys, cache), sep[1]) and torch.equal(dot64(xs, ys, cache), sep[2])
+    cache2: dict = {}
+    sumsq64(ys, cache2)  # ‖y‖² first (GradNorm before ScaleInvariantStats): the sweep is still exact
+    assert torch.equal(norms_dot64(xs, ys, cache2), sep)
+    with torch.no_grad():
+        xs[0].mul_(3.0)
+    assert norms_dot64(xs, ys, cache)[0, 0].item() == pytest.approx(9 * sep[0, 0].item(), rel=1e-7)
+    assert norms_dot64([], []).shape == (3, 0)
+
+
+def test_intrinsic_grad_norm_with_the_dot_hint_gives_the_same_values():
+    """With ScaleInvariantStats's hint IntrinsicGradNorm reads ‖w‖², ‖g‖² (and ⟨w, g⟩, left in the
+    step cache) in one sweep: the same numbers to the bit, and float64's to 5e-8."""
+    from bnlab.probes._reduce import want_dots, wants_dots
+    from bnlab.probes.intrinsic import IntrinsicGradNorm
+
+    g = torch.Generator().manual_seed(4)
+    si = {"a": torch.randn(512, 64, 3, 3, generator=g), "b": torch.randn(40, generator=g)}
+    other = [torch.randn(300_000, generator=g)]
+    grads = [torch.randn(w.shape, generator=g) * 1e-2 for w in si.values()]
+    og = [torch.randn(300_000, generator=g)]
+    probe = IntrinsicGradNorm(si, other)
+    plain = probe._norms(grads, og, {})
+    cache: dict = {}
+    want_dots(cache, list(si.values()))
+    assert wants_dots(cache, list(si.values())) and not wants_dots({}, list(si.values()))
+    hinted = probe._norms(grads, og, cache)
+    assert hinted == plain
+    assert dot64(list(si.values()), grads, cache).tolist() == dot64(list(si.values()), grads).tolist()
+    ref = sum(float(w.double().square().sum() * gg.double().square().sum()) for w, gg in zip(si.values(), grads))
+    assert hinted["si_grad_norm_sq"] == pytest.approx(ref, rel=5e-8)
+    assert hinted["other_grad_norm_sq"] == pytest.approx(float(og[0].double().square().sum()), rel=5e-8)

@@ -260,3 +260,71 @@ def test_probe_does_not_change_training():
         assert torch.equal(opt_a.state[a]["momentum_buffer"], opt_b.state[b]["momentum_buffer"]), na
     for (na, a), (nb, b) in zip(model_a.named_buffers(), model_b.named_buffers()):
         assert na == nb and torch.equal(a, b), na
+
+
+class _CopySGD(torch.optim.SGD):
+    """The same updates as torch.optim.SGD; a subclass, so ScaleInvariantStats takes its copy path."""
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("momentum,dampening,weight_decay", [
+    (0.9, 0.0, 0.0), (0.9, 0.3, 5e-3), (0.5, 0.0, 1e-2), (0.0, 0.0, 0.0), (0.0, 0.0, 1e-2),
+])
+def test_sgd_update_path_equals_copy_path(foreach, momentum, dampening, weight_decay):
+    """For torch.optim.SGD the angle comes from η²‖buf_{t+1}‖² (or η²‖g_t‖²) without a copy of w_t:
+    equal, in float64 and from the first step on, to the copy path (a subclass of SGD) and to acos."""
+    from bnlab.probes.scale import _sgd_modes
+
+    data = batches(4, dtype=torch.float64, seed=3)
+    outs = []
+    for cls in (torch.optim.SGD, _CopySGD):
+        model = make(dtype=torch.float64, seed=5)
+        groups = find_scale_invariant(model, data[0], F.cross_entropy)
+        opt = cls([{"params": [model.conv1.weight], "lr": 0.3},
+                   {"params": [p for n, p in model.named_parameters() if n != "conv1.weight"], "lr": 0.1}],
+                  lr=0.1, momentum=momentum, dampening=dampening, weight_decay=weight_decay, foreach=foreach)
+        modes = _sgd_modes(opt, [g.param for g in groups])
+        expect = ("copy" if cls is _CopySGD or (momentum == 0 and weight_decay != 0)
+                  else "buf" if momentum else "grad")
+        assert modes == [expect] * len(groups)
+        probe = ScaleInvariantStats(groups)
+        rec = []
+        for step, (x, y) in enumerate(data):
+            ctx = StepContext(step=step, model=model, optimizer=opt, batch=(x, y))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            w0 = [g.param.detach().clone() for g in groups]
+            out = probe.after_backward(ctx)
+            opt.step()
+            out.update(probe.after_step(ctx))
+            for g, w in zip(groups, w0):
+                w1 = g.param.detach()
+                acos = math.acos(float(torch.dot(w.flatten(), w1.flatten()) / (w.norm() * w1.norm())))
+                assert out[f"{g.name}/angular_update"] == pytest.approx(acos, rel=1e-6)
+            rec.append(out)
+        outs.append(rec)
+    for a, b in zip(*outs):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-10, abs=1e-15), k
+
+
+def test_sgd_path_skipped_and_foreign_writes():
+    """A parameter SGD did not move has angle 0; one written twice between the events gives nan."""
+    model = make(dtype=torch.float64)
+    data = batches(1, dtype=torch.float64)
+    groups = find_scale_invariant(model, data[0], F.cross_entropy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    probe = ScaleInvariantStats(groups)
+    x, y = data[0]
+    ctx = StepContext(step=0, model=model, optimizer=opt, batch=(x, y))
+    F.cross_entropy(model(x), y).backward()
+    first, second = groups[0], groups[1]
+    probe.after_backward(ctx)
+    first.param.grad = None  # SGD skips it
+    opt.step()
+    with torch.no_grad():
+        second.param.mul_(1.0)  # a second in-place write after the optimizer's
+    out = probe.after_step(ctx)
+    assert out[f"{first.name}/angular_update"] == 0.0
+    assert math.isnan(out[f"{second.name}/angular_update"])

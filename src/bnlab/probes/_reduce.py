@@ -32,8 +32,10 @@ EXACT_MAX = 65536
 ROW = 256
 #: Elements per float32 partial dot product (one BLAS call each) for larger tensors.
 DOT_CHUNK = 65536
+#: Elements per chunk of :func:`norms_dot64`'s single sweep (both chunks stay in a core's cache).
+FUSE_CHUNK = 262144
 
-__all__ = ["sumsq64", "dot64", "step_cache", "EXACT_MAX", "ROW", "DOT_CHUNK"]
+__all__ = ["sumsq64", "dot64", "norms_dot64", "want_dots", "wants_dots", "step_cache", "EXACT_MAX", "ROW", "DOT_CHUNK", "FUSE_CHUNK"]
 
 
 def _is_rows(t: torch.Tensor) -> bool:
@@ -144,6 +146,84 @@ def dot64(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], cache: dict | 
     if len(xs) != len(ys):
         raise ValueError(f"dot64: {len(xs)} tensors against {len(ys)}")
     return _cached("dot", xs, ys, cache)
+
+
+def norms_dot64(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], cache: dict | None = None) -> torch.Tensor:
+    """``[Σ x², Σ y², Σ x·y]`` per pair as a ``(3, k)`` float64 tensor: the values of
+    ``sumsq64(xs)``, ``sumsq64(ys)`` and ``dot64(xs, ys)`` (same arithmetic, same cache keys).
+
+    For large float32 CPU pairs (the rows path) the three sums are taken in one sweep over chunks
+    of :data:`FUSE_CHUNK` elements, each chunk of ``x`` and ``y`` read from memory once and reused
+    from the cache: two passes over memory instead of four (ResNet-18's weights and gradients: 6.5
+    against 9 ms). Values already in ``cache`` are not recomputed.
+    """
+    xs, ys = list(xs), list(ys)
+    if len(xs) != len(ys):
+        raise ValueError(f"norms_dot64: {len(xs)} tensors against {len(ys)}")
+    if not xs:
+        return torch.zeros(3, 0, dtype=torch.float64)
+    fused: dict[int, torch.Tensor] = {}
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        if not (_is_rows(x) and _is_rows(y) and x.numel() == y.numel() and x.numel() % ROW == 0):
+            continue
+        entries = ((_key("sq", x, None), x, None), (_key("sq", y, None), y, None), (_key("dot", x, y), x, y))
+        if cache is not None and sum(_hit(cache, *e) is None for e in entries) < 2:
+            continue  # one sum left (or none): the plain reductions below do it in one pass
+        fused[i] = vals = _sweep(x.detach().reshape(-1), y.detach().reshape(-1))
+        if cache is not None:
+            for (key, a, b), v in zip(entries, vals):
+                if _hit(cache, key, a, b) is None:
+                    cache[key] = (a, b, v)
+    rest = [i for i in range(len(xs)) if i not in fused]
+    if not rest:
+        return torch.stack([fused[i] for i in range(len(xs))], 1)
+    r = torch.stack([sumsq64([xs[i] for i in rest], cache), sumsq64([ys[i] for i in rest], cache),
+                     dot64([xs[i] for i in rest], [ys[i] for i in rest], cache)])
+    if not fused:
+        return r
+    out = torch.empty(3, len(xs), dtype=torch.float64, device=r.device)
+    out[:, _index(rest, r.device)] = r
+    f = list(fused)
+    out[:, _index(f, r.device)] = torch.stack([fused[i] for i in f], 1).to(r.device)
+    return out
+
+
+def _sweep(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
+    """``[Σ x², Σ y², Σ x·y]`` (float64) of two flat float32 tensors of a multiple of ROW elements, chunk by chunk."""
+    rx, ry, dots = [], [], []
+    for j in range(0, fx.numel(), FUSE_CHUNK):
+        cx, cy = fx[j:j + FUSE_CHUNK], fy[j:j + FUSE_CHUNK]
+        rx.append(torch.linalg.vector_norm(cx.view(-1, ROW), dim=1))
+        ry.append(torch.linalg.vector_norm(cy.view(-1, ROW), dim=1))
+        dots.extend(torch.dot(cx[k:k + DOT_CHUNK], cy[k:k + DOT_CHUNK]) for k in range(0, cx.numel(), DOT_CHUNK))
+    a, b = torch.cat(rx).to(torch.float64), torch.cat(ry).to(torch.float64)
+    return torch.stack([torch.dot(a, a), torch.dot(b, b), torch.stack(dots).to(torch.float64).sum()])
+
+
+def _key(kind: str, x: torch.Tensor, y: torch.Tensor | None) -> tuple:
+    return (kind, id(x), x._version) if y is None else (kind, id(x), x._version, id(y), y._version)
+
+
+def _hit(cache: dict, key: tuple, x, y):
+    e = cache.get(key)
+    return e[2] if e is not None and e[0] is x and e[1] is y else None
+
+
+_WANT = "bnlab.want_dot"
+
+
+def want_dots(cache: dict | None, xs: Sequence[torch.Tensor]) -> None:
+    """Note in the step's ``cache`` that a probe will ask for ``⟨x, ∇x⟩`` of these tensors, so that
+    a probe reading ``‖x‖²`` and ``‖∇x‖²`` earlier in the step takes all three in one sweep
+    (:func:`norms_dot64`) instead of leaving the dot product to a sweep of its own."""
+    if cache is not None:
+        cache.setdefault(_WANT, set()).update(id(x) for x in xs)
+
+
+def wants_dots(cache: dict | None, xs: Sequence[torch.Tensor]) -> bool:
+    """Whether :func:`want_dots` asked for all of ``xs`` in this step."""
+    want = cache.get(_WANT) if cache is not None else None
+    return bool(want) and bool(xs) and all(id(x) in want for x in xs)
 
 
 def step_cache(ctx) -> dict | None:

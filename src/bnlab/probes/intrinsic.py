@@ -83,12 +83,17 @@ class IntrinsicGradNorm(Probe):
 
     def _norms(self, si_grads, other_grads, cache=None) -> dict:
         # float64 sums of squares without float64 copies, read with one host sync (bnlab.probes._reduce)
-        from ._reduce import sumsq64
+        from ._reduce import norms_dot64, sumsq64, wants_dots
 
         pairs = [(w, g) for w, g in zip(self.si, si_grads) if g is not None]
         others = [g for g in other_grads if g is not None]
         k = len(pairs)
-        sq = sumsq64([w for w, _ in pairs] + [g for _, g in pairs] + others, cache).cpu()
+        ws, gs = [w for w, _ in pairs], [g for _, g in pairs]
+        if wants_dots(cache, ws):  # ScaleInvariantStats will ask for ⟨w, g⟩: one sweep gives all three
+            wg = norms_dot64(ws, gs, cache)
+            sq = torch.cat([wg[0], wg[1], sumsq64(others, cache).to(wg.device)]).cpu()
+        else:
+            sq = sumsq64(ws + gs + others, cache).cpu()
         si = float((sq[:k] * sq[k:2 * k]).sum()) if k else 0.0
         other = float(sq[2 * k:].sum()) if others else 0.0
         return {"grad_norm_sq": si + other, "si_grad_norm_sq": si, "other_grad_norm_sq": other}

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..scale import ScaleInvariantGroup, effective_lr, norm_identity_residual
-from ._reduce import dot64, step_cache, sumsq64
+from ._reduce import dot64, norms_dot64, step_cache, sumsq64, want_dots
 from .base import Probe, StepContext
 
 __all__ = ["ScaleInvariantStats"]
@@ -40,20 +40,29 @@ class ScaleInvariantStats(Probe):
     that identity. Keys needing the LR are left out when the parameter is in no optimizer group;
     undefined ratios are ``nan``.
 
-    The probe only reads: ``w_t`` is copied into the probe's own buffers (one copy of the
-    scale-invariant tensors, allocated once), nothing in the model or optimizer is written, and no
-    RNG is used.
+    The probe only reads: nothing in the model or optimizer is written, and no RNG is used. For
+    ``torch.optim.SGD`` (momentum, dampening and weight decay of the parameter's group; not
+    ``nesterov``, ``maximize`` or ``fused``) the update is read from the optimizer, so nothing is
+    copied: ``w_{t+1} = w_t - η_t buf_{t+1}`` with ``buf_{t+1} = μ buf_t + (1 - d)(g_t + λ w_t)``
+    (``g_t + λ w_t`` on the first step), hence ``‖w_t - w_{t+1}‖² = η_t² ‖buf_{t+1}‖²`` (``η_t² ‖g_t‖²``
+    without momentum and weight decay), read after the step (:func:`_sgd_modes`; it checks that the
+    optimizer's update was the only in-place write to the parameter between the two events: a
+    parameter it did not move has angle 0, one written again gives ``nan``; writes through
+    ``.data`` are not seen). For other optimizers ``w_t`` is copied into the probe's own buffers
+    (allocated once) and the difference taken after the step.
 
     **Cost and accuracy.** Sums of squares and dot products accumulate in float64 without float64
-    copies (:mod:`bnlab.probes._reduce`: exact for float64 and small tensors, ~1e-9 relative for
+    copies (:mod:`bnlab.probes._reduce`: exact for float64 and small tensors, ~1e-8 relative for
     large float32 ones); the angle comes from ``‖w_t‖²``, ``‖w_{t+1}‖²`` and ``‖w_t - w_{t+1}‖²``
     (see :func:`_angle`); each event reads its numbers with one host sync; values other probes of
-    the step already computed (‖g‖² for ``GradNorm``, ...) are shared. What remains is memory
-    traffic: about eleven reads/writes of the scale-invariant weights' size per step (norms of
-    ``w_t``, ``g_t``, ``w_{t+1}``, ``⟨w_t, g_t⟩``, the copy of ``w_t`` and ``‖w_t - w_{t+1}‖``), more
-    than the optimizer's own update. On ResNet-18 (batch 32 of 32x32 images, CPU, one thread,
-    ``benchmarks/probe_overhead.py``) that is 1.2-1.26x a bare step (it was 4.0x): run it every few
-    steps (``every=10`` in the ``business`` preset) where that matters.
+    the step already computed (‖g‖² for ``GradNorm``, ‖w‖² for ``WeightNorm``, ...) are shared. With
+    SGD a step reads the scale-invariant weights' size four times (``‖w_t‖²``, ``‖g_t‖²``,
+    ``⟨w_t, g_t⟩`` in one sweep (:func:`~bnlab.probes._reduce.norms_dot64`): two; ``‖w_{t+1}‖²``,
+    ``‖buf_{t+1}‖²``: two); the copy path reads and writes it nine times (the copy and
+    ``‖w_t - w_{t+1}‖²`` instead of ``‖buf_{t+1}‖²``). On ResNet-18
+    (batch 32 of 32x32 images, CPU, one thread, ``benchmarks/probe_overhead.py``) that is
+    RESULT_SGD a bare step with SGD (it was 4.0x, then 1.24x with the copy): run it every few steps
+    (``every=10`` in the ``business`` preset) where that matters.
 
     Args:
         groups: the groups, e.g. from :func:`bnlab.scale.find_scale_invariant`, or a mapping
@@ -105,6 +114,11 @@ class ScaleInvariantStats(Probe):
         self._bufs: list[torch.Tensor] | None = None  # w_t, then w_t - w_{t+1}
 
     # ---------------------------------------------------------------- events
+    def before_step(self, ctx: StepContext) -> None:
+        # a probe reading ‖w‖² and ‖g‖² before this one (IntrinsicGradNorm) then takes ⟨w, g⟩ in the same sweep
+        want_dots(step_cache(ctx), [p for _, p in self.groups])
+        return None
+
     def after_backward(self, ctx: StepContext) -> dict | None:
         if not self.groups:
             return None
@@ -114,15 +128,19 @@ class ScaleInvariantStats(Probe):
         gs = [self.groups[i][1].grad for i in with_grad]
         cache = step_cache(ctx)
         # all sums in one float64 vector, read with one host sync
-        w2s = sumsq64(ws, cache)
-        g2s = torch.zeros_like(w2s)
-        dots = torch.zeros_like(w2s)
-        if with_grad:
-            idx = torch.tensor(with_grad, device=w2s.device)
-            g2s[idx] = sumsq64(gs, cache)
-            dots[idx] = dot64([ws[i] for i in with_grad], gs, cache)
-        w2l, g2l, dotl = torch.stack([w2s, g2s, dots]).tolist()
-        self._copy_weights([w.detach() for w in ws])
+        if len(with_grad) == len(ws):  # ‖w_t‖², ‖g_t‖², ⟨w_t, g_t⟩ in one sweep over w_t and g_t
+            w2l, g2l, dotl = norms_dot64(ws, gs, cache).tolist()
+        else:
+            w2s = sumsq64(ws, cache)
+            g2s = torch.zeros_like(w2s)
+            dots = torch.zeros_like(w2s)
+            if with_grad:
+                idx = torch.tensor(with_grad, device=w2s.device)
+                g2s[idx] = sumsq64(gs, cache)
+                dots[idx] = dot64([ws[i] for i in with_grad], gs, cache)
+            w2l, g2l, dotl = torch.stack([w2s, g2s, dots]).tolist()
+        modes = _sgd_modes(ctx.optimizer, ws)
+        self._copy_weights([w.detach() for w, m in zip(ws, modes) if m == "copy"])
         out: dict = {}
         saved = {}
         tot_w2 = tot_g2 = tot_dot = tot_wg2 = 0.0
@@ -134,25 +152,63 @@ class ScaleInvariantStats(Probe):
         group_lrs = {lr for _, _, lr in saved.values()}
         shared_lr = group_lrs.pop() if len(group_lrs) == 1 else None
         out.update(_stats(_ALL, tot_w2, tot_g2, tot_dot, math.sqrt(tot_wg2), shared_lr))
-        self._saved = {"step": ctx.step, "groups": saved}
+        state = ctx.optimizer.state if ctx.optimizer is not None else {}
+        before = []  # per parameter: (its version, its momentum buffer and that buffer's version) at w_t
+        for p, m in zip(ws, modes):
+            buf = state[p].get("momentum_buffer") if m == "buf" and p in state else None
+            before.append((p._version, buf, None if buf is None else buf._version))
+        self._saved = {"step": ctx.step, "groups": saved, "modes": modes, "before": before}
         return out
 
     def _copy_weights(self, ws: list[torch.Tensor]) -> None:
         """``w_t`` into the probe's own buffers (allocated once: no fresh allocation per step)."""
         bufs = self._bufs
-        if bufs is None or any(b.shape != w.shape or b.dtype != w.dtype or b.device != w.device for b, w in zip(bufs, ws)):
+        if bufs is None or len(bufs) != len(ws) or any(
+                b.shape != w.shape or b.dtype != w.dtype or b.device != w.device for b, w in zip(bufs, ws)):
             bufs = self._bufs = [torch.empty_like(w, memory_format=torch.preserve_format) for w in ws]
-        torch._foreach_copy_(bufs, ws)
+        if ws:
+            torch._foreach_copy_(bufs, ws)
 
     def after_step(self, ctx: StepContext) -> dict | None:
         saved, self._saved = self._saved, None
         if not saved or saved["step"] != ctx.step:
             return None
         ws = [p for _, p in self.groups]
-        w2a = sumsq64(ws, step_cache(ctx))
-        torch._foreach_sub_(self._bufs, [w.detach() for w in ws])  # w_t - w_{t+1}, in place in the probe's buffers
-        d2 = sumsq64(self._bufs)
+        cache = step_cache(ctx)
+        w2a = sumsq64(ws, cache)
+        # ‖w_t - w_{t+1}‖² per parameter: from the probe's copy of w_t ("copy"), or from what plain SGD
+        # applied, Δ = -η buf_{t+1} ("buf") or Δ = -η g_t ("grad"), read after the step (see _sgd_modes)
+        modes, state = saved["modes"], (ctx.optimizer.state if ctx.optimizer is not None else {})
+        copied = [w.detach() for w, m in zip(ws, modes) if m == "copy"]
+        if copied:
+            torch._foreach_sub_(self._bufs, copied)  # w_t - w_{t+1}, in place in the probe's buffers
+        deltas: list = []  # tensors whose squared norm times the factor is ‖w_t - w_{t+1}‖²
+        factors: list[float] = []
+        k = 0
+        for (name, p), m, (v0, buf0, bv0) in zip(self.groups, modes, saved["before"]):
+            if m == "copy":
+                deltas.append(self._bufs[k])
+                factors.append(1.0)
+                k += 1
+                continue
+            lr = saved["groups"][name][2]
+            buf = state[p].get("momentum_buffer") if p in state else None
+            if p._version == v0:  # the optimizer did not move it (no gradient, a skipped step)
+                deltas.append(None)
+                factors.append(0.0)
+            elif p._version != v0 + 1 or (m == "buf" and (buf is None or (buf is buf0 and buf._version == bv0))) \
+                    or (m == "grad" and p.grad is None):
+                deltas.append(None)  # written by something other than one plain SGD update: unknown
+                factors.append(math.nan)
+            else:
+                deltas.append((buf if m == "buf" else p.grad).detach())
+                factors.append(lr * lr)
+        have = [i for i, d in enumerate(deltas) if d is not None]
+        d2 = torch.zeros_like(w2a)
+        if have:
+            d2[torch.tensor(have, device=w2a.device)] = sumsq64([deltas[i] for i in have], cache).to(w2a.device)
         w2al, d2l = torch.stack([w2a, d2]).tolist()
+        d2l = [f * x if f == f else math.nan for f, x in zip(factors, d2l)]
         out: dict = {}
         res_sum, w2_sum, all_have_lr = 0.0, 0.0, True
         tot_b, tot_a, tot_d = 0.0, 0.0, 0.0
@@ -180,6 +236,35 @@ def _lr_by_param(optimizer) -> dict[int, float]:
     if optimizer is None:
         return {}
     return {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _sgd_modes(optimizer, params: list) -> list[str]:
+    """How :class:`ScaleInvariantStats` gets ``‖w_t - w_{t+1}‖²`` for each parameter.
+
+    For ``torch.optim.SGD`` itself (not a subclass) in its single-tensor or foreach form, without
+    ``nesterov``, ``maximize`` or ``fused``, the update is known from the optimizer: with momentum
+    ``μ``, dampening ``d`` and weight decay ``λ`` of the parameter's group, ``buf_{t+1} = μ buf_t +
+    (1 - d)(g_t + λ w_t)`` (``g_t + λ w_t`` on the first step) and ``w_{t+1} = w_t - η buf_{t+1}``, so
+    ``‖w_t - w_{t+1}‖² = η² ‖buf_{t+1}‖²``, read from the optimizer's state after the step
+    (``"buf"``); without momentum or weight decay ``w_{t+1} = w_t - η g_t`` and it is ``η² ‖g_t‖²``
+    (``"grad"``). Every other case (other optimizers, ``μ = 0`` with ``λ ≠ 0``, a parameter in no
+    group) copies ``w_t`` (``"copy"``). The SGD modes check at ``after_step`` that exactly one
+    in-place write moved the parameter (its ``_version``) and, with momentum, that the buffer was
+    written; an unmoved parameter has ``Δ = 0``, anything else gives ``nan``.
+    """
+    modes = ["copy"] * len(params)
+    if optimizer is None or type(optimizer) is not torch.optim.SGD:
+        return modes
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for i, p in enumerate(params):
+        g = group_of.get(id(p))
+        if g is None or g.get("nesterov") or g.get("maximize") or g.get("fused"):
+            continue
+        if g.get("momentum", 0) != 0:
+            modes[i] = "buf"
+        elif g.get("weight_decay", 0) == 0:
+            modes[i] = "grad"
+    return modes
 
 
 def _angle(a2: float, b2: float, d2: float) -> float:
