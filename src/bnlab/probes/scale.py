@@ -61,7 +61,7 @@ class ScaleInvariantStats(Probe):
     ``‖buf_{t+1}‖²``: two); the copy path reads and writes it nine times (the copy and
     ``‖w_t - w_{t+1}‖²`` instead of ``‖buf_{t+1}‖²``). On ResNet-18
     (batch 32 of 32x32 images, CPU, one thread, ``benchmarks/probe_overhead.py``) that is
-    RESULT_SGD a bare step with SGD (it was 4.0x, then 1.24x with the copy): run it every few steps
+    1.13x a bare step with SGD (it was 4.0x, then 1.24x with the copy; same run): run it every few steps
     (``every=10`` in the ``business`` preset) where that matters.
 
     Args:
