@@ -141,7 +141,7 @@ def _smaller(paper_value: Any, tiny_value: Any) -> Any:
     return paper_value
 
 
-def smoke_config(paper_cfg, tiny_cfg):
+def smoke_config(paper_cfg, tiny_cfg, cuts=None):
     """The ``Config`` of a smoke run: the paper profile's architecture, data, optimizer, learning
     rates and schedule; the smaller of the paper's and the ``tiny`` profile's counts (seeds,
     examples, probe sizes; :func:`_smaller`); and step counts, step intervals, batch sizes,
@@ -153,7 +153,19 @@ def smoke_config(paper_cfg, tiny_cfg):
     ``*subset*``, ``*_examples``, ``*epochs*`` are capped), so an experiment needs nothing declared to have a smoke run. If the
     combination fails the Config's own validation, the caps are applied one by one, each where the
     Config accepts it (the run-time cap of :func:`cap_steps` holds anyway).
+
+    ``cuts`` (an experiment's ``smoke_cuts``, ``{field: value -> smoke value}``) are applied last:
+    the few settings where the generic rules leave work that only repeats the same code path at
+    paper scale (more grid points, seeds or float64 records of the same run).
     """
+    cfg = _smoke_config(paper_cfg, tiny_cfg)
+    if cuts:
+        cfg = dataclasses.replace(cfg, **{n: f(getattr(cfg, n)) for n, f in cuts.items()})
+    return cfg
+
+
+def _smoke_config(paper_cfg, tiny_cfg):
+    """:func:`smoke_config` by the field-name rules alone."""
     def pick(name):
         p, t = getattr(paper_cfg, name), getattr(tiny_cfg, name)
         return p if _keeps_paper_value(name) else _smaller(p, t)

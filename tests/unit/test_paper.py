@@ -184,3 +184,25 @@ def test_smoke_caps_steps_and_evaluations():
         assert paper.cap_steps(50) == paper.SMOKE_STEPS and paper.eval_cap(1000) == paper.SMOKE_EVAL
     assert h.steps == paper.SMOKE_STEPS
     assert paper.cap_steps(50) == 50 and paper.eval_cap(1000) == 1000
+
+
+def test_smoke_config_applies_an_experiments_cuts_after_the_rules():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class C:
+        lrs: tuple = (1e-3, 1e-2, 1e-1)
+        seeds: tuple = (0, 1, 2)
+        steps: int = 1000
+        width: int = 64
+
+    paper_cfg, tiny_cfg = C(), C(seeds=(0, 1), steps=10, width=4)
+    plain = paper.smoke_config(paper_cfg, tiny_cfg)
+    assert plain == C(lrs=(1e-3, 1e-2, 1e-1), seeds=(0, 1), steps=paper.SMOKE_STEPS, width=64)
+    cut = paper.smoke_config(paper_cfg, tiny_cfg, {"lrs": lambda v: (v[0], v[-1]), "seeds": lambda v: v[:1]})
+    assert cut == dataclasses.replace(plain, lrs=(1e-3, 1e-1), seeds=(0,))  # the rest as the rules give it
+    from bnlab.experiments.runner import resolve
+
+    s, _ = resolve("auto-rate", "paper", smoke=True)  # auto-rate's cuts reach the run's Config
+    assert s.seeds == (0,) and s.si_lrs == (1e-2, 1e4) and s.identity_lrs == (1e-2,) and s.model == "vgg" and s.depth == 16
+    assert resolve("auto-rate", "paper")[0].si_lrs == (1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)  # no cut without --smoke

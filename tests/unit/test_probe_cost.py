@@ -275,3 +275,16 @@ def test_intrinsic_grad_norm_with_the_dot_hint_gives_the_same_values():
     ref = sum(float(w.double().square().sum() * gg.double().square().sum()) for w, gg in zip(si.values(), grads))
     assert hinted["si_grad_norm_sq"] == pytest.approx(ref, rel=5e-8)
     assert hinted["other_grad_norm_sq"] == pytest.approx(float(og[0].double().square().sum()), rel=5e-8)
+
+
+def test_constant_channel_has_exactly_zero_std_in_the_fast_moments():
+    """A constant channel (a dead ReLU, a saturated unit): std exactly 0, as ChannelStats.of gives,
+    not the rounded mean's ~1e-7·|mean|; the other channels agree with the float64 reference."""
+    from bnlab.probes.activations import ChannelStats, _fast_moments, _finish_moments, _raw_moments
+    h = torch.randn(32, 4, 9, 9, generator=torch.Generator().manual_seed(0))
+    h[:, 1] = 0.3  # not representable exactly in binary: a rounded float32 mean differs from it
+    h[:, 3] = 1e4 / 3
+    ref = ChannelStats.of(h)
+    for mean, std, absmax in (_fast_moments(h, {}), _finish_moments([_raw_moments(h, {})])[0]):
+        assert std[1].item() == 0.0 and std[3].item() == 0.0
+        assert torch.allclose(std.cpu(), torch.as_tensor(ref.std, dtype=torch.float64), rtol=1e-5)

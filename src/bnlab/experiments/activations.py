@@ -302,6 +302,10 @@ class Activations(Experiment):
         "paper": Config(data="cifar10", depth=110, n_init=2000, grad_examples=128, diverge_max_steps=100,
                         jac_directions=64, sv_n=1000, sv_k_max=100, sv_trials=10),
     }
+    #: a smoke run (:func:`bnlab.paper.smoke_config`): one initialization seed, the LR list's two ends, fewer
+    #: Jacobian directions and moment examples (the same passes, fewer of them)
+    smoke_cuts = {"init_seeds": lambda v: v[:1], "diverge_lrs": lambda v: (v[0], v[-1]),
+                  "jac_directions": lambda v: min(v, 8) if v > 0 else 8, "n_init": lambda v: min(v, 32)}
 
     # ------------------------------------------------------------------ measure
     def measure(self, cfg: Config, run: RunDir, ctx: Context) -> dict:

@@ -529,6 +529,12 @@ class AutoRate(Experiment):
                         identity_subset=256, members_per_pass=8),  # η_g not tuned at this size; 8 VGG members: ~33 GiB (H200)
     }
     thresholds = {"tiny": Thresholds(rate_min_steps=10, rate_min_decades=4.0, bn_min_decades=2.0)}
+    #: a smoke run (:func:`bnlab.paper.smoke_config`): the paper's VGG-16, optimizers, schedule, probes and
+    #: figures on the fewest members (one seed; the grid's two ends and the control) and one float64 identity
+    #: LR and lemma scale per eps (float64 VGG-16 passes are seconds each on a CPU)
+    smoke_cuts = {"seeds": lambda v: v[:1], "si_lrs": lambda v: (v[0], v[-1]), "identity_lrs": lambda v: v[:1],
+                  "lemma_scales": lambda v: v[-1:], "identity_subset": lambda v: min(v, 8) if v > 0 else 8,
+                  "eval_points": lambda v: 1}
 
     # ------------------------------------------------------------------ measure
 
@@ -540,11 +546,12 @@ class AutoRate(Experiment):
     @staticmethod
     def _find_groups(cfg: Config, net: torch.nn.Module, tr) -> tuple[list[str], list[dict]]:
         """Names of the scale-invariant groups used (the per-channel invariant tensors) and all found."""
-        from ..paper import SMOKE_BATCH, current
+        from ..paper import current
 
-        n = min(len(tr), 512 if not current().smoke else SMOKE_BATCH)  # a smoke run: float64 passes of a few images
+        smoke = current().smoke  # a smoke run: float64 passes of a few images, one factor c (the same tests)
+        n = min(len(tr), 512 if not smoke else 4)
         batch = tr.subset(n).full_batch()
-        found = find_scale_invariant(net, batch, F.cross_entropy, seed=cfg.seed)
+        found = find_scale_invariant(net, batch, F.cross_entropy, seed=cfg.seed, **({"scales": (2.0,)} if smoke else {}))
         listing = [{"name": g.param_name, "per_channel": g.per_channel, "max_violation": g.max_violation, "used": g.per_channel}
                    for g in found]
         return [g.param_name for g in found if g.per_channel], listing
@@ -600,6 +607,9 @@ class AutoRate(Experiment):
         lemma: dict = {}
         last = cfg.identity_steps - 1
         lemma_sched = log_spaced(1, cfg.lemma_per_decade)
+        from ..paper import current
+
+        smoke = current().smoke
         for eps_name, eps in (("eps0", cfg.identity_bn_eps), ("eps_default", None)):
             orth, homog, points = [], [], 0
             for lr in cfg.identity_lrs:
@@ -616,7 +626,10 @@ class AutoRate(Experiment):
                                                          groups=list(si.values())), lr=lr)
                 run.append_metrics({"arm": arm, "event": "arm", "kind": "identity", "eps": eps_used, "lr_si": lr,
                                     "dtype": "float64", "groups": list(si)})
-                probes = [ScaleInvariantStats(si), ScaleLemma(si, scales=cfg.lemma_scales, every=lambda s: lemma_sched(s) or s == last)]
+                lemma_at = (lambda s: s == last) if smoke else (lambda s: lemma_sched(s) or s == last)
+                # a smoke run: the lemma once, on the first and the last group (1 + 2 float64 passes, not 1 + 15)
+                lemma_si = {k: si[k] for k in dict.fromkeys([swept[0], swept[-1]])} if smoke else si
+                probes = [ScaleInvariantStats(si), ScaleLemma(lemma_si, scales=cfg.lemma_scales, every=lemma_at)]
                 h = train(net, tr64, opt, steps=cfg.identity_steps, full_batch=True, probes=probes, eval_data=None,
                           eval_train=False, eval_every=cfg.identity_steps + 1, device=ctx.device, seed=cfg.seed,
                           log=lambda r, arm=arm: run.append_metrics({"arm": arm, **r}) if r.get("event") is None else None)
@@ -664,10 +677,13 @@ class AutoRate(Experiment):
             if si:
                 objective = parts.fixed()
         stat_sched, obj_sched = log_spaced(1, cfg.stats_per_decade), log_spaced(1, cfg.objective_per_decade)
+        from ..paper import current
+
+        smoke = current().smoke  # a smoke run: the objective's gradient (a pass over the training set) at the last step only
         every = max(1, steps // max(1, cfg.eval_points))
         kw = dict(swept=swept, si=si, other_lr=other_lr, schedule=schedule, steps=steps, make_stream=make_stream, eval_data=te,
                   eval_at=set(range(every, steps, every)), stat_at={t for t in range(steps) if stat_sched(t)},
-                  objective=objective, objective_at={t for t in range(steps) if obj_sched(t)} | {steps - 1},
+                  objective=objective, objective_at=({t for t in range(steps) if obj_sched(t) and not smoke} | {steps - 1}),
                   step_grad=full and bool(si), device=dev)
         chunk = cfg.members_per_pass or len(members)
         for lr, s in members:

@@ -245,6 +245,8 @@ class Divergence(Experiment):
                         lrs=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1), small_lr=1e-4, epochs=100.0, noise_examples=10000,
                         noise_batch_sizes=(8, 16, 32, 64, 128, 256, 512, 1024)),
     }
+    #: a smoke run (:func:`bnlab.paper.smoke_config`): one seed, the LR grid's two ends (``small_lr``, ``large_lr``)
+    smoke_cuts = {"seeds": lambda v: v[:1], "lrs": lambda v: (v[0], v[-1])}
 
     # ------------------------------------------------------------------ measure
     def measure(self, cfg: Config, run: RunDir, ctx: Context) -> dict:

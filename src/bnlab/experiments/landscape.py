@@ -313,6 +313,8 @@ class Landscape(Experiment):
                         probe_every=100, mid_probe_every=500, hessian_every=500, lanczos_iter=50, eval_every=500),
     }
     thresholds = {"tiny": Thresholds(min_seeds=2, min_probes=1)}
+    #: a smoke run (:func:`bnlab.paper.smoke_config`): one seed of each net
+    smoke_cuts = {"seeds": lambda v: 1}
 
     # ------------------------------------------------------------------ measure
     def measure(self, cfg: Config, run: RunDir, ctx: Context) -> dict:

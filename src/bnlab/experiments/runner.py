@@ -44,7 +44,7 @@ def resolve(name: str, profile: str = "quick", overrides: list[str] | None = Non
     if smoke:
         from .. import paper
 
-        base = paper.smoke_config(base, exp.profiles["tiny"])
+        base = paper.smoke_config(base, exp.profiles["tiny"], getattr(exp, "smoke_cuts", None))
     return replace(base, cfg_changes), replace(exp.registered_thresholds(profile), th_changes)
 
 

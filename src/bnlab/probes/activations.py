@@ -121,7 +121,8 @@ def _fast_moments(h: torch.Tensor, scratch: Optional[dict] = None) -> tuple[torc
     The same quantities as :meth:`ChannelStats.of`, by fast vectorized reductions instead of a
     transposed float64 copy and Welford's ``std_mean`` (10x faster on CPU): partial sums per
     example and channel in ``h``'s dtype, added in float64; the variance two-pass, from the
-    output centred at the float32-rounded mean ``m'`` (``Var = E[(h - m')²] - (m - m')²``);
+    output centred at the float32-rounded mean ``m'`` (``Var = E[(h - m')²] - (m - m')²``; exactly 0
+    where max = min, a constant channel, which the rounded mean would leave at ~1e-7·|mean|);
     ``absmax = max(max h, -min h)``. Relative error ~1e-7 for float32 outputs. ``scratch`` (a dict
     the caller keeps) holds a buffer reused for the centred output, so that no fresh memory is
     allocated (and page-faulted) per layer and step.
@@ -143,8 +144,9 @@ def _fast_moments(h: torch.Tensor, scratch: Optional[dict] = None) -> tuple[torc
     cen = torch.sub(hv, m_rounded.view(1, c, 1), out=out)
     centred = torch.linalg.vector_norm(cen, dim=2).to(torch.float64).square().sum(0) / count
     var = (centred - (mean - m_rounded.to(torch.float64)).square()).clamp_min(0.0)
-    absmax = torch.maximum(hv.amax(2).amax(0), hv.amin(2).amin(0).neg())
-    return mean, var.sqrt(), absmax
+    mx, mn = hv.amax(2).amax(0), hv.amin(2).amin(0)
+    var = torch.where(mx == mn, 0.0, var)  # a constant channel: exactly 0
+    return mean, var.sqrt(), torch.maximum(mx, mn.neg())
 
 
 def _raw_moments(h: torch.Tensor, scratch: dict) -> tuple:
@@ -193,7 +195,9 @@ def _finish_moments(raws: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.
     q = torch.cat([r[1] for r in raws], 1).to(torch.float64)
     shift = mean - torch.cat([r[4] for r in raws]).to(torch.float64)
     std = ((q * q).sum(0) / counts - shift * shift).clamp_min(0.0).sqrt()
-    absmax = torch.maximum(torch.cat([r[2] for r in raws]), torch.cat([r[3] for r in raws]).neg())
+    mx, mn = torch.cat([r[2] for r in raws]), torch.cat([r[3] for r in raws])
+    std = torch.where(mx == mn, 0.0, std)  # a constant channel: exactly 0, not the rounded mean's ~1e-7·|mean|
+    absmax = torch.maximum(mx, mn.neg())
     absmax = absmax.to(torch.float64)
     out, i = [], 0
     for c in sizes:
