@@ -37,7 +37,39 @@ def _worst(values) -> float:
     return max(vals) if vals else math.nan
 
 
-class SanturkarTerms(Probe):
+class _SanturkarProbe(Probe):
+    """What both probes share: the schedule, the float64 copy's ``ε``, and one row per BN layer."""
+
+    _keys: tuple[str, ...] = ()
+    _worst_key: str = ""
+
+    def __init__(self, every: Schedule = 10, *, eps: Optional[float] = 0.0, name: Optional[str] = None):
+        super().__init__(every)
+        self.eps = eps
+        self.name = name or type(self).name
+
+    def _terms(self, ctx: StepContext) -> dict:
+        raise NotImplementedError
+
+    def after_backward(self, ctx: StepContext) -> dict:
+        if ctx.batch is None:
+            return {}
+        rows = {layer: t.summary() for layer, t in self._terms(ctx).items()}
+        out: dict = {"layers": float(len(rows))}
+        for layer, row in rows.items():
+            for k in self._keys:
+                out[f"{layer}/{k}"] = float(row[k])
+        if rows:
+            for k in self._worst_key.split():
+                out[f"{k}_max"] = _worst(float(r[k]) for r in rows.values())
+            self._over_layers(rows, out)
+        return out
+
+    def _over_layers(self, rows: dict, out: dict) -> None:
+        """More summaries over the layers' rows (none by default)."""
+
+
+class SanturkarTerms(_SanturkarProbe):
     """Thm 4.1 and Obs. 4.3 at every BN layer (cost: standard).
 
     Records per layer ``<layer>/gap_eps0`` (worst channel's relative gap of Thm 4.1 at ε = 0),
@@ -58,30 +90,14 @@ class SanturkarTerms(Probe):
 
     name = "santurkar"
     cost = "standard"
+    _keys = ("gap_eps0", "gap_eps", "reduction", "scale", "share_mean", "share_dir")
+    _worst_key = "gap_eps0 gap_eps"
 
-    def __init__(self, every: Schedule = 10, *, eps: Optional[float] = 0.0, name: str = "santurkar"):
-        super().__init__(every)
-        self.eps = eps
-        self.name = name
-
-    def after_backward(self, ctx: StepContext) -> dict:
-        if ctx.batch is None:
-            return {}
-        terms = gradient_terms(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), eps=self.eps)
-        out: dict = {"layers": float(len(terms))}
-        rows = {}
-        for layer, t in terms.items():
-            s = t.summary()
-            rows[layer] = s
-            for k in ("gap_eps0", "gap_eps", "reduction", "scale", "share_mean", "share_dir"):
-                out[f"{layer}/{k}"] = float(s[k])
-        if rows:
-            out["gap_eps0_max"] = _worst(r["gap_eps0"] for r in rows.values())
-            out["gap_eps_max"] = _worst(r["gap_eps"] for r in rows.values())
-        return out
+    def _terms(self, ctx: StepContext) -> dict:
+        return gradient_terms(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), eps=self.eps)
 
 
-class SanturkarCurvature(Probe):
+class SanturkarCurvature(_SanturkarProbe):
     """Thm 4.2(a) and (b) at every BN layer from activation-space HVPs (cost: expensive).
 
     Records per layer ``<layer>/lhs`` (``vᵀ∇²_y L̂ v``), ``rhs_a``, ``gap_a`` (relative, at ε = 0),
@@ -101,24 +117,15 @@ class SanturkarCurvature(Probe):
 
     name = "santurkar_hess"
     cost = "expensive"
+    _keys = ("lhs", "rhs_a", "gap_a", "gap_a_eps", "rhs_b", "condition_b", "holds_b", "curv_in", "curv_out")
+    _worst_key = "gap_a"
 
-    def __init__(self, every: Schedule = 10, *, eps: Optional[float] = 0.0, name: str = "santurkar_hess"):
-        super().__init__(every)
-        self.eps = eps
-        self.name = name
+    def _terms(self, ctx: StepContext) -> dict:
+        return curvature_terms(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), eps=self.eps)
 
-    def after_backward(self, ctx: StepContext) -> dict:
-        if ctx.batch is None:
-            return {}
-        terms = curvature_terms(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), eps=self.eps)
-        out: dict = {"layers": float(len(terms))}
-        for layer, t in terms.items():
-            s = t.summary()
-            for k in ("lhs", "rhs_a", "gap_a", "gap_a_eps", "rhs_b", "condition_b", "holds_b", "curv_in", "curv_out"):
-                out[f"{layer}/{k}"] = float(s[k])
-        if terms:
-            out["gap_a_max"] = _worst(float(t.summary()["gap_a"]) for t in terms.values())
-            out["condition_b_count"] = float(sum(t.condition_b for t in terms.values()))
-            out["holds_b_count"] = float(sum(t.holds_b for t in terms.values()))
-            out["b_fails_under_condition"] = float(sum(t.condition_b and not t.holds_b for t in terms.values()))
-        return out
+    def _over_layers(self, rows: dict, out: dict) -> None:
+        cond = [bool(r["condition_b"]) for r in rows.values()]
+        holds = [bool(r["holds_b"]) for r in rows.values()]
+        out["condition_b_count"] = float(sum(cond))
+        out["holds_b_count"] = float(sum(holds))
+        out["b_fails_under_condition"] = float(sum(c and not h for c, h in zip(cond, holds)))
