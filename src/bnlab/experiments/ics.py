@@ -349,6 +349,8 @@ class InternalCovariateShiftExperiment(Experiment):
                         ics_every=100, act_every=50, acc_every=50, act_conv=2, dln_width=256, dln_steps=5000,
                         dln_ics_every=100),
     }
+    #: a smoke run (:func:`bnlab.paper.smoke_config`): one seed of each net
+    smoke_cuts = {"seeds": lambda v: 1}
 
     # ------------------------------------------------------------------ measure
     def measure(self, cfg: Config, run: RunDir, ctx: Context) -> dict:

@@ -122,6 +122,8 @@ class LargeLR(Experiment):
         "paper": Config(data="cifar10", model="vgg", width=64, depth=11, small_lr=0.01, epochs=30.0),
     }
     thresholds = {"paper": Thresholds(bn_min_acc=0.8)}
+    #: a smoke run (:func:`bnlab.paper.smoke_config`): one seed of each net
+    smoke_cuts = {"seeds": lambda v: 1}
 
     def measure(self, cfg: Config, run: RunDir, ctx: Context) -> dict:
         tr, te = data_mod.load_pair(cfg.data, seed=cfg.seed)

@@ -210,6 +210,8 @@ class ExpLRExperiment(Experiment):
                         acc_eval_every=391, overflow_steps=200_000, overflow_weight_decay=5e-4,
                         overflow_log_every=200),
     }
+    #: a smoke run (:func:`bnlab.paper.smoke_config`): one accuracy seed
+    smoke_cuts = {"acc_seeds": lambda v: v[:1]}
 
     def measure(self, cfg: Config, run: RunDir, ctx: Context) -> dict:
         return _measure(cfg, run, ctx, self.name)
