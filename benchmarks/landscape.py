@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _common import cpu_busy_fraction, table  # benchmarks/_common.py (this folder is sys.path[0])
 from bnlab.curvature import (
     HessianOperator,
     hvp,
@@ -94,33 +95,6 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
-
-
-def cpu_busy_fraction(seconds: float = 1.0):
-    """Fraction of CPU time not idle over ``seconds`` (Linux /proc/stat), else ``None``."""
-    def read():
-        with open("/proc/stat") as fh:
-            v = [int(t) for t in fh.readline().split()[1:9]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-
-    try:
-        t0, i0 = read()
-        time.sleep(seconds)
-        t1, i1 = read()
-    except OSError:
-        return None
-    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    line = "  ".join("-" * w for w in widths)
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print(line)
-    for r in rows:
-        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]
-        print("  ".join(cells))
 
 
 def ms(t: float) -> str:

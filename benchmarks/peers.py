@@ -55,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from _common import cpu_busy_fraction, table  # benchmarks/_common.py (this folder is sys.path[0])
 from bnlab.curvature import HessianOperator, hessian_trace, model_loss_closure, top_eigenvalues
 
 TOL = 1e-4
@@ -62,31 +63,6 @@ TOL = 1e-4
 
 # --------------------------------------------------------------------------------------------
 # helpers
-
-
-def cpu_busy_fraction(seconds: float = 1.0):
-    """Fraction of CPU time not idle over ``seconds`` (Linux /proc/stat), else ``None``."""
-    def read():
-        with open("/proc/stat") as fh:
-            v = [int(t) for t in fh.readline().split()[1:9]]
-        return sum(v), v[3] + v[4]
-
-    try:
-        t0, i0 = read()
-        time.sleep(seconds)
-        t1, i1 = read()
-    except OSError:
-        return None
-    return 1.0 - (i1 - i0) / max(t1 - t0, 1)
-
-
-def table(title: str, header: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in rows:
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
 
 
 def timed(fn):

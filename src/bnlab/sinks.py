@@ -156,8 +156,9 @@ class Sink:
         if values:
             self._log_scalars(values, s)
 
-    def _log_scalars(self, values: dict[str, float], step: int) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def _log_scalars(self, values: dict[str, float], step: int) -> None:
+        # the contract, not a stub: a sink overrides either ``log`` (JsonlSink, FanOut) or this
+        raise TypeError(f"{type(self).__name__} must override log() or _log_scalars()")
 
     def log_image(self, name: str, image: Any, step: Optional[int] = None) -> None:
         """Log a figure (a PNG path or an ``H x W [x C]`` array); a sink that takes no images ignores it."""

@@ -20,6 +20,7 @@ Reference:
 
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Optional, Union
 
@@ -37,7 +38,7 @@ def _worst(values) -> float:
     return max(vals) if vals else math.nan
 
 
-class _SanturkarProbe(Probe):
+class _SanturkarProbe(Probe, abc.ABC):
     """What both probes share: the schedule, the float64 copy's ``ε``, and one row per BN layer."""
 
     _keys: tuple[str, ...] = ()
@@ -48,8 +49,9 @@ class _SanturkarProbe(Probe):
         self.eps = eps
         self.name = name or type(self).name
 
+    @abc.abstractmethod
     def _terms(self, ctx: StepContext) -> dict:
-        raise NotImplementedError
+        """``{layer: terms}`` of the step's batch (each with a ``summary()``)."""
 
     def after_backward(self, ctx: StepContext) -> dict:
         if ctx.batch is None:
