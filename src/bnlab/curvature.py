@@ -52,6 +52,7 @@ Reference:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, NamedTuple, Optional, Protocol
@@ -120,18 +121,51 @@ def _resolve_method(method: str) -> str:
     return method
 
 
-def _flatten(d: dict[str, Tensor], keys: list[str]) -> Tensor:
+def _flatten(d: dict[str, Tensor], keys: list[str], out: Optional[Tensor] = None) -> Tensor:
+    """The tensors ``d[k]`` (in ``keys`` order) as one flat vector: ``out`` when given (one copy
+    per tensor into the caller's buffer, no allocation), else a new tensor."""
     ts = [d[k] for k in keys]
+    if out is not None:
+        i = 0
+        for t in ts:
+            out[i : i + t.numel()].view(t.shape).copy_(t)
+            i += t.numel()
+        return out
     if all(t.is_contiguous() for t in ts) or len({t.dtype for t in ts}) > 1:
         return torch.cat([t.reshape(-1) for t in ts])
     # non-contiguous parts (e.g. some convolution gradients): one strided copy each, instead of
     # a contiguous copy by reshape and a second one by cat
-    out = torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=ts[0].device)
-    i = 0
-    for t in ts:
-        out[i : i + t.numel()].view(t.shape).copy_(t)
-        i += t.numel()
-    return out
+    return _flatten(d, keys, torch.empty(sum(t.numel() for t in ts), dtype=ts[0].dtype, device=ts[0].device))
+
+
+def _check_out(out: Tensor, vec: Tensor, numel: int) -> None:
+    if out.shape != (numel,) or not out.is_contiguous():
+        raise UserError(f"out must be a contiguous vector of {numel} entries; got shape {tuple(out.shape)}")
+    if out.dtype != vec.dtype or out.device != vec.device:
+        raise UserError(f"out must have vec's dtype and device ({vec.dtype}, {vec.device}); "
+                        f"got {out.dtype}, {out.device}")
+    def span(t: Tensor) -> tuple[int, int]:
+        n = (t.numel() - 1) * (t.stride(0) if t.dim() else 1) + 1
+        return t.data_ptr(), t.data_ptr() + n * t.element_size()
+
+    (a0, a1), (b0, b1) = span(out), span(vec.reshape(-1) if vec.dim() != 1 else vec)
+    if a0 < b1 and b0 < a1:
+        raise UserError("out must not overlap vec")
+
+
+def flat_matvec(op: "CurvatureOperator") -> Callable[[Tensor, Tensor], Tensor]:
+    """``(vec, buf) ↦ H vec`` for the solvers: written into ``buf`` when ``op.matvec`` takes
+    ``out=`` (no 40 MB allocation per product on a ResNet-18, whose first touch costs as much as a
+    tenth of the product), else ``op.matvec(vec)``, a new tensor. The caller owns the result and
+    may update it in place; it is ``buf`` or a tensor no one else holds, unless an operator hands
+    back its input (the identity), which the caller checks."""
+    try:
+        takes_out = "out" in inspect.signature(op.matvec).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        takes_out = False
+    if takes_out:
+        return lambda vec, buf: op.matvec(vec, out=buf)
+    return lambda vec, buf: op.matvec(vec)
 
 
 def _unflatten(vec: Tensor, like: dict[str, Tensor], keys: list[str]) -> dict[str, Tensor]:
@@ -310,10 +344,19 @@ class HessianOperator:
             for k, h in zip(self.keys, hv)
         }
 
-    def matvec(self, vec: Tensor) -> Tensor:
-        """``H v`` on the flattened parameter vector (keys in the order of ``params``)."""
+    def matvec(self, vec: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``H v`` on the flattened parameter vector (keys in the order of ``params``).
+
+        Args:
+            vec: ``v``, flat, of length :attr:`numel`.
+            out: a contiguous buffer of the same length, dtype and device, not sharing memory
+                with ``vec``, to write ``H v`` into (the solvers pass one, so a run of products
+                allocates no parameter-sized vector); ``None``: a new tensor.
+        """
+        if out is not None:
+            _check_out(out, vec, self.numel)
         hv = self(_unflatten(vec, self.params, self.keys))
-        return _flatten(hv, self.keys)
+        return _flatten(hv, self.keys, out)
 
     def flat_params(self) -> Tensor:
         """The point ``w`` as one flat vector."""
@@ -338,8 +381,10 @@ class CurvatureOperator(Protocol):
 
     def __call__(self, v: dict[str, Tensor]) -> dict[str, Tensor]: ...
 
-    def matvec(self, vec: Tensor) -> Tensor:
-        """``H v`` on flat vectors, as a new tensor (the solvers update it in place)."""
+    def matvec(self, vec: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``H v`` on flat vectors, as a new tensor or, where the operator supports ``out``, in
+        ``out`` (the solvers update the result in place). Supporting ``out`` is optional: the
+        solvers look for it in the signature (:func:`flat_matvec`)."""
 
     def flat_params(self) -> Tensor: ...
 
@@ -602,11 +647,12 @@ def top_eigenvalues(
     theta = s = None
     beta = 0.0
     m = 0
+    mv, work = flat_matvec(op), torch.empty_like(Q[0])
     for j in range(m_max):
         q = Q[j]
-        w = op.matvec(q)  # a new tensor: updated in place below (no per-iteration allocation)
-        if w.data_ptr() == q.data_ptr() or not w.is_contiguous():
-            w = w.clone()  # an operator that hands back its input (the identity) or a strided view
+        w = mv(q, work)  # the work buffer (or a new tensor): updated in place below
+        if w.data_ptr() == q.data_ptr() or not w.is_contiguous() or w.dtype != Q.dtype:
+            w = w.to(Q.dtype).clone()  # an operator that hands back its input (the identity) or a strided view
         # The three-term recurrence, then full reorthogonalization against all of Q: one
         # classical Gram-Schmidt pass, and a second one only when the first removed more than
         # half of the vector (the DGKS "twice is enough" test). Each pass reads Q twice, the
@@ -754,8 +800,9 @@ def power_iteration(
     theta = prev = math.nan
     rel_change = math.inf
     converged = False
+    mv, work = flat_matvec(op), torch.empty_like(v)
     for _ in range(max_iter):
-        w = op.matvec(v)
+        w = mv(v, work)
         theta = float(torch.dot(v.double(), w.double()))
         history.append([theta])
         if math.isfinite(prev):
@@ -880,13 +927,16 @@ def hessian_trace(
     like = op.flat_params()
     N = op.numel
     gen = torch.Generator().manual_seed(seed)
+    mv, work = flat_matvec(op), torch.empty_like(like)
     n_sketch = n_samples // 3 if estimator == "hutch++" else 0
     exact = 0.0
     Q = None
     if n_sketch:
         Y = torch.empty(n_sketch, N, dtype=like.dtype, device=like.device)
         for i in range(n_sketch):  # Gaussian sketch: H S has the rank of H almost surely
-            Y[i] = op.matvec(_random_unit(N, like, gen))
+            y = mv(_random_unit(N, like, gen), Y[i])
+            if y.data_ptr() != Y[i].data_ptr():
+                Y[i] = y
         # Orthonormalize the rows in place (CGS2), dropping numerically dependent ones.
         drop = 1e3 * torch.finfo(like.dtype).eps
         r = 0
@@ -902,7 +952,7 @@ def hessian_trace(
                 r += 1
         Q = Y[:r]
         for qi in Q:
-            exact += _dot64(qi, op.matvec(qi))
+            exact += _dot64(qi, mv(qi, work))
         n_res = n_samples - n_sketch - r
     else:
         n_res = n_samples
@@ -911,7 +961,7 @@ def hessian_trace(
         z = _rademacher(N, like, gen)
         if Q is not None and len(Q):
             z = z - Q.T @ (Q @ z)
-        samples.append(_dot64(z, op.matvec(z)))
+        samples.append(_dot64(z, mv(z, work)))
     t = torch.tensor(samples, dtype=torch.float64)
     se = float(t.std(unbiased=True) / math.sqrt(n_res)) if n_res > 1 else math.nan
     return TraceEstimate(exact + float(t.mean()), se, n_samples)

@@ -53,6 +53,7 @@ from bnlab.curvature import (
     HessianOperator,
     HvpMethod,
     TraceEstimate,
+    _check_out,
     _flatten,
     _unflatten,
     hessian_trace,
@@ -245,12 +246,26 @@ class DatasetHessianOperator:
         if kept is not None:
             self._ops = kept
 
-    def matvec(self, vec: Tensor) -> Tensor:
-        """``H_D v`` on the flattened parameter vector (keys in the order of ``params``)."""
+    def matvec(self, vec: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """``H_D v`` on the flattened parameter vector (keys in the order of ``params``).
+
+        Args:
+            vec: ``v``, flat, of length :attr:`numel`.
+            out: a contiguous buffer of that length, dtype and device, not overlapping ``vec``,
+                to accumulate ``H_D v`` in (no parameter-sized allocation per product); ``None``:
+                a new tensor.
+        """
+        if out is None:
+            out = torch.zeros(self.numel, dtype=vec.dtype, device=vec.device)
+        else:
+            _check_out(out, vec, self.numel)
+            out.zero_()
         v = _unflatten(vec, self.params, self.keys)
-        out = torch.zeros_like(vec)
+        acc = _unflatten(out, self.params, self.keys)  # views into out
         for wgt, op in self._batch_ops():
-            out.add_(_flatten(op(v), self.keys), alpha=wgt)
+            hv = op(v)
+            for k in self.keys:
+                acc[k].add_(hv[k], alpha=wgt)
             self.n_batch_hvp += 1
         if self._distributed:
             self._all_reduce(out)

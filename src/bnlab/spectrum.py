@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .curvature import flat_matvec
 from .errors import UserError
 
 __all__ = ["SpectralDensity", "spectral_density", "gaussian_density", "lanczos_quadrature"]
@@ -205,7 +206,9 @@ def lanczos_quadrature(matvec, v0: Tensor, n_steps: int) -> tuple[np.ndarray, np
     the quadrature is exact.
 
     Args:
-        matvec: ``v ↦ H v`` on flat vectors.
+        matvec: ``v ↦ H v`` on flat vectors. Its result is updated in place: return a new
+            tensor, or a work buffer of your own that nothing else reads (one buffer for every
+            product is how :func:`spectral_density` avoids a parameter-sized allocation per HVP).
         v0: the start vector (any norm > 0).
         n_steps: ``m``.
 
@@ -217,14 +220,17 @@ def lanczos_quadrature(matvec, v0: Tensor, n_steps: int) -> tuple[np.ndarray, np
     Q = torch.empty(m, n, dtype=v0.dtype, device=v0.device)
     alphas: list[float] = []
     betas: list[float] = []
-    q = v0 / v0.norm()
+    torch.div(v0.reshape(-1), v0.norm(), out=Q[0])
     for j in range(m):
-        Q[j] = q
-        w = matvec(q)
-        h = Q[: j + 1] @ w
-        w = w - Q[: j + 1].T @ h
-        h2 = Q[: j + 1] @ w
-        w = w - Q[: j + 1].T @ h2
+        q = Q[j]
+        w = matvec(q)  # updated in place below: a new tensor, or a work buffer of the caller's
+        if w.data_ptr() == q.data_ptr() or not w.is_contiguous() or w.dtype != Q.dtype:
+            w = w.to(Q.dtype).clone()  # an operator that hands back its input, or a strided view
+        Qj = Q[: j + 1]
+        h = Qj @ w
+        w.addmv_(Qj.T, h, alpha=-1.0)
+        h2 = Qj @ w
+        w.addmv_(Qj.T, h2, alpha=-1.0)
         alphas.append(float(h[j] + h2[j]))
         if j + 1 == m:
             break
@@ -233,7 +239,7 @@ def lanczos_quadrature(matvec, v0: Tensor, n_steps: int) -> tuple[np.ndarray, np
         if not math.isfinite(beta) or beta <= 1e-10 * max(scale, 1e-300):
             break  # invariant subspace: the quadrature of v0's measure is exact
         betas.append(beta)
-        q = w / beta
+        torch.div(w, beta, out=Q[j + 1])
     T = np.diag(np.array(alphas, dtype=np.float64))
     if betas:
         b = np.array(betas, dtype=np.float64)
@@ -364,7 +370,8 @@ def spectral_density(
         bar = tqdm(runs, desc=progress if isinstance(progress, str) else "spectral density", unit="run", leave=False)
         runs = bar
     n_hvp = 0
-    count = _Counter(op.matvec)
+    mv, work = flat_matvec(op), torch.empty(n, dtype=like.dtype, device=like.device)
+    count = _Counter(lambda v: mv(v, work))  # every product into one buffer: no allocation per HVP
     for l in runs:
         v = torch.randint(0, 2, (n,), generator=gen).to(dtype=like.dtype).mul_(2).sub_(1).to(like.device)
         th, tau = lanczos_quadrature(count, v, m)

@@ -239,3 +239,103 @@ def test_hutchpp_is_exact_on_a_model_when_the_budget_covers_the_space():
     lam, info = top_eigenvalues(f, params, k=2, tol=1e-7, max_iter=n)
     ref = np.linalg.eigvalsh(H.numpy())[::-1][:2]
     assert np.all(np.abs(lam.numpy() - ref) <= 1e-7 * np.abs(lam.numpy()) + 1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# matvec(vec, out=buf): the solvers' products go into one buffer, with the same results
+
+
+def _small_bn_net():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(4)
+    batch = (torch.randn(10, 4, generator=g, dtype=DT), torch.randint(0, 3, (10,), generator=g))
+    return model, batch
+
+
+class NoOut:
+    """The same operator without ``out=`` in its matvec (an operator written before it existed)."""
+
+    def __init__(self, op):
+        self.op, self.numel, self.keys, self.params = op, op.numel, op.keys, op.params
+
+    @property
+    def n_hvp(self):
+        return self.op.n_hvp
+
+    @property
+    def grad(self):
+        return self.op.grad
+
+    def matvec(self, vec):
+        return self.op.matvec(vec)
+
+    def __call__(self, v):
+        return self.op(v)
+
+    def flat_params(self):
+        return self.op.flat_params()
+
+
+def test_matvec_out_writes_the_product_into_the_buffer():
+    model, batch = _small_bn_net()
+    f, params = model_loss_closure(model, batch, F.cross_entropy)
+    op = HessianOperator(f, params, method="reverse")
+    keys, sizes = list(params), [p.numel() for p in params.values()]
+
+    def flat_f(vec):
+        return f({k: t.view_as(params[k]) for k, t in zip(keys, torch.split(vec, sizes))})
+
+    flat = torch.cat([params[k].reshape(-1) for k in keys])
+    H = torch.autograd.functional.hessian(flat_f, flat)  # the dense Hessian: an independent reference
+    v = torch.linspace(-1, 1, op.numel, dtype=DT)
+    buf = torch.full_like(v, float("nan"))
+    assert op.matvec(v, out=buf) is buf
+    torch.testing.assert_close(buf, H @ v, rtol=1e-10, atol=1e-12)
+    assert torch.equal(buf, op.matvec(v))  # the same product as without a buffer
+
+
+@pytest.mark.parametrize("bad, what", [
+    (lambda v: torch.empty(v.numel() + 1, dtype=DT), "contiguous vector of"),
+    (lambda v: torch.empty(v.numel(), dtype=torch.float32), "dtype and device"),
+    (lambda v: torch.empty(2 * v.numel(), dtype=DT)[::2], "contiguous vector of"),
+    (lambda v: v, "must not overlap vec"),
+])
+def test_matvec_out_refuses_a_bad_buffer(bad, what):
+    model, batch = _small_bn_net()
+    op = HessianOperator(*model_loss_closure(model, batch, F.cross_entropy))
+    v = torch.ones(op.numel, dtype=DT)
+    with pytest.raises(UserError, match=what):
+        op.matvec(v, out=bad(v))
+
+
+def test_the_solvers_give_identical_results_with_and_without_out():
+    """The buffer is reused for every product: a solver that kept a reference to it would drift.
+    Bit-identical results against an operator without ``out=`` show that none does."""
+    from bnlab.spectrum import spectral_density
+
+    model, batch = _small_bn_net()
+    f, params = model_loss_closure(model, batch, F.cross_entropy)
+    op = HessianOperator(f, params, method="reverse")
+    lam_a, info_a = top_eigenvalues(op, k=3, tol=1e-10, max_iter=op.numel, return_eigenvectors=True)
+    lam_b, info_b = top_eigenvalues(NoOut(op), k=3, tol=1e-10, max_iter=op.numel, return_eigenvectors=True)
+    assert torch.equal(lam_a, lam_b) and info_a.n_hvp == info_b.n_hvp
+    for va, vb in zip(info_a.eigenvectors, info_b.eigenvectors):
+        assert all(torch.equal(va[k], vb[k]) for k in va)
+    p_a, _ = power_iteration(op, tol=1e-9, max_iter=200)
+    p_b, _ = power_iteration(NoOut(op), tol=1e-9, max_iter=200)
+    assert torch.equal(p_a, p_b)
+    for est in ("hutchinson", "hutch++"):
+        assert hessian_trace(op, n_samples=12, estimator=est) == hessian_trace(NoOut(op), n_samples=12, estimator=est)
+    sa = spectral_density(op, n_runs=2, n_steps=8, top_k=3)
+    sb = spectral_density(NoOut(op), n_runs=2, n_steps=8, top_k=3)
+    np.testing.assert_array_equal(sa.nodes, sb.nodes)
+    np.testing.assert_array_equal(sa.density, sb.density)
+    assert sa.gradient_share == sb.gradient_share and np.isfinite(sa.gradient_share)
+    # and the values are right: the dense Hessian's top eigenvalues
+    keys, sizes = list(params), [p.numel() for p in params.values()]
+    H = torch.autograd.functional.hessian(
+        lambda vec: f({k: t.view_as(params[k]) for k, t in zip(keys, torch.split(vec, sizes))}),
+        torch.cat([params[k].reshape(-1) for k in keys]))
+    ref = np.sort(np.linalg.eigvalsh(H.numpy()))[::-1][:3]
+    np.testing.assert_allclose(lam_a.numpy(), ref, rtol=1e-8)

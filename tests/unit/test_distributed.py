@@ -75,7 +75,10 @@ def test_dataset_operator_equals_the_dense_hessian_of_the_mean_loss(retain_graph
     v = torch.linspace(-1, 1, flat.numel(), dtype=DT)
     torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(op.matvec(v), H @ v, rtol=1e-10, atol=1e-12)  # again (cached graphs)
-    assert op.n_hvp == 2 and op.n_batch_hvp == 8
+    buf = torch.full_like(v, float("nan"))  # stale contents must not leak into the sum
+    assert op.matvec(v, out=buf) is buf
+    torch.testing.assert_close(buf, H @ v, rtol=1e-10, atol=1e-12)
+    assert op.n_hvp == 3 and op.n_batch_hvp == 12
     torch.testing.assert_close(op.loss, g(flat).detach(), rtol=1e-12, atol=0)
     torch.testing.assert_close(torch.cat([op.grad[k].reshape(-1) for k in op.keys]), grad)
     for k, t in model.state_dict().items():  # the model is untouched (BN running stats too)
