@@ -288,3 +288,53 @@ def test_constant_channel_has_exactly_zero_std_in_the_fast_moments():
     for mean, std, absmax in (_fast_moments(h, {}), _finish_moments([_raw_moments(h, {})])[0]):
         assert std[1].item() == 0.0 and std[3].item() == 0.0
         assert torch.allclose(std.cpu(), torch.as_tensor(ref.std, dtype=torch.float64), rtol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["grad-norm first", "scale first"])
+def test_the_step_plan_reads_each_weight_and_gradient_once_whatever_the_order(order, monkeypatch):
+    """ScaleInvariantStats announces ‖w‖², ‖g‖², ⟨w, g⟩ at before_step; whichever probe reduces first
+    (GradNorm for ‖g‖², IntrinsicGradNorm, the scale probe) takes all three in one sweep, and the
+    others read the cache: at after_backward each large weight and gradient is read once. The
+    values equal float64 references in either order."""
+    from bnlab.probes import _reduce
+    from bnlab.probes.intrinsic import IntrinsicGradNorm
+    from bnlab.probes.scale import ScaleInvariantStats
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(64, 128, 3, bias=False), torch.nn.BatchNorm2d(128), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, 5))
+    conv = model[0].weight
+    assert _reduce._is_rows(conv) and conv.numel() % ROW == 0  # the fused path
+    si = {"conv": conv}
+    others = [p for p in model.parameters() if p is not conv]
+    probes = [GradNorm(), IntrinsicGradNorm(si, others), ScaleInvariantStats(si), WeightNorm()]
+    if order == "scale first":
+        probes = probes[2:3] + probes[:2] + probes[3:]
+    reads: list = []
+    real_fused, real_reduce = _reduce._fused, _reduce._reduce
+    monkeypatch.setattr(_reduce, "_fused", lambda ts, pairs: reads.extend(t.data_ptr() for t in ts) or real_fused(ts, pairs))
+    monkeypatch.setattr(_reduce, "_reduce", lambda xs, ys: reads.extend(
+        x.data_ptr() for x in list(xs) + list(ys or []) if x.numel() > EXACT_MAX) or real_reduce(xs, ys))
+    records = []
+    mon = Monitor(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), probes, log=records.append)
+    x, y = torch.randn(4, 64, 6, 6), torch.randint(0, 5, (4,))
+    opt = mon.optimizer
+    mon.before_step((x, y))
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    mon.after_backward()
+    w, g = conv.detach().double().clone(), conv.grad.double().clone()
+    assert reads.count(conv.data_ptr()) == 1 and reads.count(conv.grad.data_ptr()) == 1
+    grads = torch.cat([p.grad.double().reshape(-1) for p in model.parameters()])
+    opt.step()
+    rec = mon.after_step()
+    assert rec["grad_norm/total"] == pytest.approx(float(grads.norm()), rel=5e-8)
+    assert rec["scale/conv/weight_norm"] == pytest.approx(float(w.norm()), rel=5e-8)
+    assert rec["scale/conv/grad_norm"] == pytest.approx(float(g.norm()), rel=5e-8)
+    # ⟨w, g⟩ cancels (w is scale-invariant): the bound of dot64, 5e-8 of Σ|w·g|
+    bound = 5e-8 * float((w * g).abs().sum() / (w.norm() * g.norm()))
+    assert abs(rec["scale/conv/cos_wg"] - float(torch.dot(w.flatten(), g.flatten()) / (w.norm() * g.norm()))) <= bound
+    other_sq = sum(float(p.grad.double().square().sum()) for p in others)
+    assert rec["objective/grad_norm_sq"] == pytest.approx(float(w.norm() ** 2 * g.norm() ** 2) + other_sq, rel=5e-8)
+    assert rec["weight_norm/total"] == pytest.approx(
+        float(torch.cat([p.detach().double().reshape(-1) for p in model.parameters()]).norm()), rel=5e-8)

@@ -284,8 +284,7 @@ def test_sgd_update_path_equals_copy_path(foreach, momentum, dampening, weight_d
                    {"params": [p for n, p in model.named_parameters() if n != "conv1.weight"], "lr": 0.1}],
                   lr=0.1, momentum=momentum, dampening=dampening, weight_decay=weight_decay, foreach=foreach)
         modes = _sgd_modes(opt, [g.param for g in groups])
-        expect = ("copy" if cls is _CopySGD or (momentum == 0 and weight_decay != 0)
-                  else "buf" if momentum else "grad")
+        expect = "copy" if cls is _CopySGD else "buf" if momentum else "grad"
         assert modes == [expect] * len(groups)
         probe = ScaleInvariantStats(groups)
         rec = []

@@ -18,6 +18,12 @@ a host synchronization (read the result with one ``.tolist()``):
 
 Exact float64 for every tensor (converting it) costs ~5x a float32 pass: on ResNet-18 that alone
 would exceed the 5% budget of a cheap probe.
+
+**Sharing within a step.** Every value is cached for the step under its tensors' identities and
+versions (``step_cache(ctx)``), so a probe never recomputes what another probe of the step has.
+A probe may also announce at ``before_step`` what it will ask for (:func:`want_sums`): the first
+reduction of the step that touches one of those tensors then takes all the announced sums in one
+fused sweep (:func:`_fused`), whatever the order of the probes.
 """
 
 from __future__ import annotations
@@ -31,11 +37,13 @@ EXACT_MAX = 65536
 #: Elements per float32 partial sum of squares for larger tensors.
 ROW = 256
 #: Elements per float32 partial dot product (one BLAS call each) for larger tensors.
-DOT_CHUNK = 65536
-#: Elements per chunk of :func:`norms_dot64`'s single sweep (both chunks stay in a core's cache).
+DOT_CHUNK = 262144
+#: Elements per chunk of the fused sweeps (:func:`norms_dot64`, the step plan of :func:`want_sums`):
+#: a chunk of each tensor is read from memory once and reused from the cache; a multiple of DOT_CHUNK.
 FUSE_CHUNK = 262144
 
-__all__ = ["sumsq64", "dot64", "norms_dot64", "want_dots", "wants_dots", "step_cache", "EXACT_MAX", "ROW", "DOT_CHUNK", "FUSE_CHUNK"]
+__all__ = ["sumsq64", "dot64", "norms_dot64", "want_sums", "want_dots", "wants_dots", "step_cache", "EXACT_MAX", "ROW",
+           "DOT_CHUNK", "FUSE_CHUNK"]
 
 
 def _is_rows(t: torch.Tensor) -> bool:
@@ -123,6 +131,8 @@ def _cached(kind: str, xs: list, ys: list | None, cache: dict | None) -> torch.T
     # an entry holds its tensors: they stay alive for the step, so their ids cannot be reused
     missing = [i for i, key in enumerate(keys)
                if key not in cache or cache[key][0] is not xs[i] or cache[key][1] is not ys_[i]]
+    if missing and cache.get(_PLAN) and _run_plan(cache, [xs[i] for i in missing]):
+        missing = [i for i in missing if _hit(cache, keys[i], xs[i], ys_[i]) is None]
     if missing:
         vals = _reduce([xs[i] for i in missing], None if ys is None else [ys[i] for i in missing])
         for j, i in enumerate(missing):
@@ -162,6 +172,8 @@ def norms_dot64(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], cache: d
         raise ValueError(f"norms_dot64: {len(xs)} tensors against {len(ys)}")
     if not xs:
         return torch.zeros(3, 0, dtype=torch.float64)
+    if cache is not None and cache.get(_PLAN):
+        _run_plan(cache, xs + ys)  # the announced sums first (with momentum buffers, if announced)
     fused: dict[int, torch.Tensor] = {}
     for i, (x, y) in enumerate(zip(xs, ys)):
         if not (_is_rows(x) and _is_rows(y) and x.numel() == y.numel() and x.numel() % ROW == 0):
@@ -169,7 +181,7 @@ def norms_dot64(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], cache: d
         entries = ((_key("sq", x, None), x, None), (_key("sq", y, None), y, None), (_key("dot", x, y), x, y))
         if cache is not None and sum(_hit(cache, *e) is None for e in entries) < 2:
             continue  # one sum left (or none): the plain reductions below do it in one pass
-        fused[i] = vals = _sweep(x.detach().reshape(-1), y.detach().reshape(-1))
+        fused[i] = vals = _fused([x.detach().reshape(-1), y.detach().reshape(-1)], [(0, 1)])
         if cache is not None:
             for (key, a, b), v in zip(entries, vals):
                 if _hit(cache, key, a, b) is None:
@@ -188,16 +200,98 @@ def norms_dot64(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], cache: d
     return out
 
 
-def _sweep(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
-    """``[Σ x², Σ y², Σ x·y]`` (float64) of two flat float32 tensors of a multiple of ROW elements, chunk by chunk."""
-    rx, ry, dots = [], [], []
-    for j in range(0, fx.numel(), FUSE_CHUNK):
-        cx, cy = fx[j:j + FUSE_CHUNK], fy[j:j + FUSE_CHUNK]
-        rx.append(torch.linalg.vector_norm(cx.view(-1, ROW), dim=1))
-        ry.append(torch.linalg.vector_norm(cy.view(-1, ROW), dim=1))
-        dots.extend(torch.dot(cx[k:k + DOT_CHUNK], cy[k:k + DOT_CHUNK]) for k in range(0, cx.numel(), DOT_CHUNK))
-    a, b = torch.cat(rx).to(torch.float64), torch.cat(ry).to(torch.float64)
-    return torch.stack([torch.dot(a, a), torch.dot(b, b), torch.stack(dots).to(torch.float64).sum()])
+def _fused(flats: list[torch.Tensor], pairs: list[tuple[int, int]]) -> torch.Tensor:
+    """``[Σ t² for t in flats] + [Σ flats[i]·flats[j] for (i, j) in pairs]`` (float64) of flat float32
+    tensors of one size, a multiple of ROW, in one sweep: chunk by chunk (FUSE_CHUNK elements), each
+    chunk of every tensor read from memory once. The arithmetic of :func:`sumsq64` and :func:`dot64`
+    (the same row norms and dot chunks), so the values are equal to the bit."""
+    n = flats[0].numel()
+    rows: list[list[torch.Tensor]] = [[] for _ in flats]
+    dots: list[list[torch.Tensor]] = [[] for _ in pairs]
+    for j in range(0, n, FUSE_CHUNK):
+        cs = [f[j:j + FUSE_CHUNK] for f in flats]
+        for r, c in zip(rows, cs):
+            r.append(torch.linalg.vector_norm(c.view(-1, ROW), dim=1))
+        for d, (a, b) in zip(dots, pairs):
+            ca, cb = cs[a], cs[b]
+            d.extend(torch.dot(ca[k:k + DOT_CHUNK], cb[k:k + DOT_CHUNK]) for k in range(0, ca.numel(), DOT_CHUNK))
+    out = []
+    for r in rows:
+        v = torch.cat(r).to(torch.float64)
+        out.append(torch.dot(v, v))
+    out.extend(torch.stack(d).to(torch.float64).sum() for d in dots)
+    return torch.stack(out)
+
+
+# ------------------------------------------------------------------------------ the step plan
+
+_PLAN = "bnlab.plan"
+
+
+def want_sums(cache: dict | None, params: Sequence[torch.Tensor]) -> None:
+    """Announce, before the backward pass, the sums a probe will ask for at ``after_backward``:
+    ``‖w‖², ‖g‖², ⟨w, g⟩`` of each parameter ``w`` (``g = w.grad``). The first reduction of the step
+    that misses one of these tensors in the cache, whichever probe asks, then takes all of them in
+    one sweep (:func:`_fused`: ``w`` and ``g`` each read from memory once, the dot product from the
+    cache) and leaves the three sums in the cache: probes that ask for parts of the set
+    (``GradNorm`` for ``‖g‖²``, ``IntrinsicGradNorm`` for ``‖w‖²`` and ``‖g‖²``,
+    ``ScaleInvariantStats`` for all three) share one pass over memory, in any order."""
+    if cache is None:
+        return
+    plan = cache.setdefault(_PLAN, {})
+    for p in params:
+        plan[id(p)] = p
+
+
+def want_dots(cache: dict | None, xs: Sequence[torch.Tensor]) -> None:
+    """:func:`want_sums` without momentum buffers (``‖x‖², ‖∇x‖², ⟨x, ∇x⟩``)."""
+    want_sums(cache, xs)
+
+
+def wants_dots(cache: dict | None, xs: Sequence[torch.Tensor]) -> bool:
+    """Whether :func:`want_sums` (or :func:`want_dots`) announced all of ``xs`` in this step."""
+    plan = cache.get(_PLAN) if cache is not None else None
+    done = cache.get(_PLAN_DONE, ()) if cache is not None else ()
+    return bool(xs) and all((plan and id(x) in plan) or id(x) in done for x in xs)
+
+
+_PLAN_DONE = "bnlab.plan_done"
+
+
+def _run_plan(cache: dict, missing: list[torch.Tensor]) -> bool:
+    """Take the announced sums of every planned parameter whose ``w`` or ``g`` is among ``missing``
+    (and that has a gradient), caching them; ``True`` when anything was computed."""
+    plan = cache[_PLAN]
+    owner: dict[int, int] = {}
+    for pid, p in plan.items():
+        if p.grad is not None:  # before the backward pass: left in the plan for later
+            owner[id(p)] = owner[id(p.grad)] = pid
+    todo = {owner[id(t)] for t in missing if id(t) in owner}
+    if not todo:
+        return False
+    done = cache.setdefault(_PLAN_DONE, set())
+    small: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for pid in todo:
+        p = plan.pop(pid)
+        done.add(pid)
+        g = p.grad  # the objects themselves are the cache keys
+        if _is_rows(p) and _is_rows(g) and g.numel() == p.numel() and p.numel() % ROW == 0 \
+                and p.is_contiguous() and g.is_contiguous():
+            vals = _fused([p.detach().reshape(-1), g.detach().reshape(-1)], [(0, 1)])
+            for key, (a, b), v in zip((_key("sq", p, None), _key("sq", g, None), _key("dot", p, g)),
+                                      ((p, None), (g, None), (p, g)), vals):
+                cache[key] = (a, b, v)
+        else:
+            small.append((p, g))
+    if small:  # the rest in two batched reductions (exact float64, or the rows path)
+        xs = [p for p, _ in small] + [g for _, g in small]
+        sq = _reduce(xs, None)
+        dots = _reduce([p for p, _ in small], [g for _, g in small])
+        for x, v in zip(xs, sq):
+            cache[_key("sq", x, None)] = (x, None, v)
+        for (p, g), v in zip(small, dots):
+            cache[_key("dot", p, g)] = (p, g, v)
+    return True
 
 
 def _key(kind: str, x: torch.Tensor, y: torch.Tensor | None) -> tuple:
@@ -207,23 +301,6 @@ def _key(kind: str, x: torch.Tensor, y: torch.Tensor | None) -> tuple:
 def _hit(cache: dict, key: tuple, x, y):
     e = cache.get(key)
     return e[2] if e is not None and e[0] is x and e[1] is y else None
-
-
-_WANT = "bnlab.want_dot"
-
-
-def want_dots(cache: dict | None, xs: Sequence[torch.Tensor]) -> None:
-    """Note in the step's ``cache`` that a probe will ask for ``⟨x, ∇x⟩`` of these tensors, so that
-    a probe reading ``‖x‖²`` and ``‖∇x‖²`` earlier in the step takes all three in one sweep
-    (:func:`norms_dot64`) instead of leaving the dot product to a sweep of its own."""
-    if cache is not None:
-        cache.setdefault(_WANT, set()).update(id(x) for x in xs)
-
-
-def wants_dots(cache: dict | None, xs: Sequence[torch.Tensor]) -> bool:
-    """Whether :func:`want_dots` asked for all of ``xs`` in this step."""
-    want = cache.get(_WANT) if cache is not None else None
-    return bool(want) and bool(xs) and all(id(x) in want for x in xs)
 
 
 def step_cache(ctx) -> dict | None:

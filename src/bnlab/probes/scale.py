@@ -42,27 +42,31 @@ class ScaleInvariantStats(Probe):
 
     The probe only reads: nothing in the model or optimizer is written, and no RNG is used. For
     ``torch.optim.SGD`` (momentum, dampening and weight decay of the parameter's group; not
-    ``nesterov``, ``maximize`` or ``fused``) the update is read from the optimizer, so nothing is
-    copied: ``w_{t+1} = w_t - η_t buf_{t+1}`` with ``buf_{t+1} = μ buf_t + (1 - d)(g_t + λ w_t)``
-    (``g_t + λ w_t`` on the first step), hence ``‖w_t - w_{t+1}‖² = η_t² ‖buf_{t+1}‖²`` (``η_t² ‖g_t‖²``
-    without momentum and weight decay), read after the step (:func:`_sgd_modes`; it checks that the
-    optimizer's update was the only in-place write to the parameter between the two events: a
-    parameter it did not move has angle 0, one written again gives ``nan``; writes through
-    ``.data`` are not seen). For other optimizers ``w_t`` is copied into the probe's own buffers
-    (allocated once) and the difference taken after the step.
+    ``nesterov``, ``maximize`` or ``fused``) the update is known from the optimizer, so nothing is
+    copied: ``w_{t+1} = w_t - η_t u`` with ``u = buf_{t+1} = μ buf_t + (1 - d)(g_t + λ w_t)``
+    (``g_t + λ w_t`` on the first step) with momentum, ``u = g_t + λ w_t`` without, hence
+    ``‖w_t - w_{t+1}‖² = η_t² ‖u‖²``: read from the momentum buffer after the step, or, without
+    momentum, ``η_t² (‖g_t‖² + 2λ⟨w_t, g_t⟩ + λ²‖w_t‖²)`` from the sums already taken
+    (:func:`_sgd_modes`; it checks that the optimizer's update was the only in-place write to the
+    parameter between the two events: a parameter it did not move has angle 0, one written again
+    gives ``nan``; writes through ``.data`` are not seen). For other optimizers ``w_t`` is copied
+    into the probe's own buffers (allocated once) and the difference taken after the step.
 
     **Cost and accuracy.** Sums of squares and dot products accumulate in float64 without float64
     copies (:mod:`bnlab.probes._reduce`: exact for float64 and small tensors, ~1e-8 relative for
     large float32 ones); the angle comes from ``‖w_t‖²``, ``‖w_{t+1}‖²`` and ``‖w_t - w_{t+1}‖²``
-    (see :func:`_angle`); each event reads its numbers with one host sync; values other probes of
-    the step already computed (‖g‖² for ``GradNorm``, ‖w‖² for ``WeightNorm``, ...) are shared. With
-    SGD a step reads the scale-invariant weights' size four times (``‖w_t‖²``, ``‖g_t‖²``,
-    ``⟨w_t, g_t⟩`` in one sweep (:func:`~bnlab.probes._reduce.norms_dot64`): two; ``‖w_{t+1}‖²``,
-    ``‖buf_{t+1}‖²``: two); the copy path reads and writes it nine times (the copy and
-    ``‖w_t - w_{t+1}‖²`` instead of ``‖buf_{t+1}‖²``). On ResNet-18
-    (batch 32 of 32x32 images, CPU, one thread, ``benchmarks/probe_overhead.py``) that is
-    1.13x a bare step with SGD (it was 4.0x, then 1.24x with the copy; same run): run it every few steps
-    (``every=10`` in the ``business`` preset) where that matters.
+    (see :func:`_angle`); each event reads its numbers with one host sync. At ``before_step`` the
+    probe announces the sums it will read (:func:`~bnlab.probes._reduce.want_sums`): whichever
+    probe of the step reduces first (``GradNorm``, ``IntrinsicGradNorm`` or this one) takes
+    ``‖w_t‖²``, ``‖g_t‖²`` and ``⟨w_t, g_t⟩`` in one sweep, and the others read the cache, as
+    ``WeightNorm`` reads this probe's ``‖w_{t+1}‖²``. With SGD and momentum a step reads the
+    scale-invariant weights' size four times (``w_t`` and ``g_t`` in the sweep; ``w_{t+1}`` and
+    ``buf_{t+1}`` after the step), three times without momentum; the copy path reads and writes it
+    nine times. On ResNet-18 (batch 32 of 32x32 images, CPU, one thread,
+    ``benchmarks/probe_overhead.py``), where one read of the 11 M weights costs about 2-3 % of a
+    step (memory bandwidth), that is 1.13x a bare step with SGD and momentum (it was 4.0x, then
+    1.24x with the copy): run it every few steps (``every=10`` in the ``business`` preset) where
+    that matters.
 
     Args:
         groups: the groups, e.g. from :func:`bnlab.scale.find_scale_invariant`, or a mapping
@@ -144,9 +148,12 @@ class ScaleInvariantStats(Probe):
         out: dict = {}
         saved = {}
         tot_w2 = tot_g2 = tot_dot = tot_wg2 = 0.0
+        wds = _weight_decays(ctx.optimizer)
+        sums = {}  # per group: (‖w_t‖², ⟨w_t, g_t⟩, λ) for the "grad" update's ‖Δ‖²
         for (name, p), w2, g2, dot in zip(self.groups, w2l, g2l, dotl):
             lr = lrs.get(id(p))
             saved[name] = (w2, g2, lr)
+            sums[name] = (w2, dot, wds.get(id(p), 0.0))
             tot_w2, tot_g2, tot_dot, tot_wg2 = tot_w2 + w2, tot_g2 + g2, tot_dot + dot, tot_wg2 + w2 * g2
             out.update(_stats(name, w2, g2, dot, math.sqrt(w2 * g2), lr))
         group_lrs = {lr for _, _, lr in saved.values()}
@@ -157,7 +164,7 @@ class ScaleInvariantStats(Probe):
         for p, m in zip(ws, modes):
             buf = state[p].get("momentum_buffer") if m == "buf" and p in state else None
             before.append((p._version, buf, None if buf is None else buf._version))
-        self._saved = {"step": ctx.step, "groups": saved, "modes": modes, "before": before}
+        self._saved = {"step": ctx.step, "groups": saved, "modes": modes, "before": before, "sums": sums}
         return out
 
     def _copy_weights(self, ws: list[torch.Tensor]) -> None:
@@ -177,38 +184,45 @@ class ScaleInvariantStats(Probe):
         cache = step_cache(ctx)
         w2a = sumsq64(ws, cache)
         # ‖w_t - w_{t+1}‖² per parameter: from the probe's copy of w_t ("copy"), or from what plain SGD
-        # applied, Δ = -η buf_{t+1} ("buf") or Δ = -η g_t ("grad"), read after the step (see _sgd_modes)
+        # applied, Δ = -η buf_{t+1} ("buf", read after the step) or Δ = -η (g_t + λ w_t) ("grad", from
+        # the sums at after_backward: nothing read), see _sgd_modes
         modes, state = saved["modes"], (ctx.optimizer.state if ctx.optimizer is not None else {})
         copied = [w.detach() for w, m in zip(ws, modes) if m == "copy"]
         if copied:
             torch._foreach_sub_(self._bufs, copied)  # w_t - w_{t+1}, in place in the probe's buffers
-        deltas: list = []  # tensors whose squared norm times the factor is ‖w_t - w_{t+1}‖²
+        # per parameter, ‖w_t - w_{t+1}‖² = factor · ‖delta‖² (a tensor read now), or a known value
+        deltas: list = []
         factors: list[float] = []
+        known: list = []
         k = 0
         for (name, p), m, (v0, buf0, bv0) in zip(self.groups, modes, saved["before"]):
+            d, f, v = None, 1.0, None
             if m == "copy":
-                deltas.append(self._bufs[k])
-                factors.append(1.0)
+                d = self._bufs[k]
                 k += 1
-                continue
-            lr = saved["groups"][name][2]
-            buf = state[p].get("momentum_buffer") if p in state else None
-            if p._version == v0:  # the optimizer did not move it (no gradient, a skipped step)
-                deltas.append(None)
-                factors.append(0.0)
-            elif p._version != v0 + 1 or (m == "buf" and (buf is None or (buf is buf0 and buf._version == bv0))) \
-                    or (m == "grad" and p.grad is None):
-                deltas.append(None)  # written by something other than one plain SGD update: unknown
-                factors.append(math.nan)
+            elif p._version == v0:  # the optimizer did not move it (no gradient, a skipped step)
+                v = 0.0
             else:
-                deltas.append((buf if m == "buf" else p.grad).detach())
-                factors.append(lr * lr)
+                lr = saved["groups"][name][2]
+                buf = state[p].get("momentum_buffer") if p in state else None
+                if p._version != v0 + 1 or (m == "buf" and (buf is None or (buf is buf0 and buf._version == bv0))) \
+                        or (m == "grad" and p.grad is None):
+                    v = math.nan  # written by something other than one plain SGD update: unknown
+                elif m == "buf":  # Δ = -η buf_{t+1}
+                    d, f = buf.detach(), lr * lr
+                else:  # Δ = -η (g_t + λ w_t): η² (‖g‖² + 2λ⟨w, g⟩ + λ²‖w‖²) from the sums at after_backward
+                    w2, dot, wd = saved["sums"][name]
+                    g2 = saved["groups"][name][1]
+                    v = lr * lr * max(g2 + 2.0 * wd * dot + wd * wd * w2, 0.0)
+            deltas.append(d)
+            factors.append(f)
+            known.append(v)
         have = [i for i, d in enumerate(deltas) if d is not None]
         d2 = torch.zeros_like(w2a)
         if have:
             d2[torch.tensor(have, device=w2a.device)] = sumsq64([deltas[i] for i in have], cache).to(w2a.device)
         w2al, d2l = torch.stack([w2a, d2]).tolist()
-        d2l = [f * x if f == f else math.nan for f, x in zip(factors, d2l)]
+        d2l = [v if v is not None else f * x for v, f, x in zip(known, factors, d2l)]
         out: dict = {}
         res_sum, w2_sum, all_have_lr = 0.0, 0.0, True
         tot_b, tot_a, tot_d = 0.0, 0.0, 0.0
@@ -260,11 +274,14 @@ def _sgd_modes(optimizer, params: list) -> list[str]:
         g = group_of.get(id(p))
         if g is None or g.get("nesterov") or g.get("maximize") or g.get("fused"):
             continue
-        if g.get("momentum", 0) != 0:
-            modes[i] = "buf"
-        elif g.get("weight_decay", 0) == 0:
-            modes[i] = "grad"
+        modes[i] = "buf" if g.get("momentum", 0) != 0 else "grad"
     return modes
+
+
+def _weight_decays(optimizer) -> dict[int, float]:
+    if optimizer is None:
+        return {}
+    return {id(p): float(g.get("weight_decay", 0)) for g in optimizer.param_groups for p in g["params"]}
 
 
 def _angle(a2: float, b2: float, d2: float) -> float:
