@@ -71,7 +71,7 @@ def make_probe(name: str, model: nn.Module, batch=None, loss_fn: Optional[Callab
 @dataclass(frozen=True)
 class Preset:
     """A named bundle of probes with their schedules, chosen by what it may cost
-    (``economy`` ~1.07x a bare step, ``business`` ~1.1x, ``full`` ~2.4x on ResNet-18, CPU).
+    (``economy`` ~1.07x a bare step, ``business`` ~1.1x, ``full`` ~2.2x on ResNet-18, CPU).
 
     Attributes:
         name: the preset's name.
@@ -230,14 +230,17 @@ _register_builtin()
 
 def _register_presets() -> None:
     """The cost presets, measured with ``benchmarks/probe_overhead.py`` (ResNet-18 in torchvision's
-    layout, batch 32 of 3x32x32, CPU, one thread, 2-core shared machine; the every-step part timed
+    layout, batch 32 of 3x32x32, CPU, one thread, 2-core machine; the every-step part timed
     directly, each scheduled probe added as its measured cost per call / its interval)::
 
-        preset     every-step part   + scheduled    = total (x a bare training step, two runs)
-        economy    1.059-1.061       + 0.009        = 1.07
+        preset     every-step part   + scheduled    = total (x a bare training step)
+        economy    1.059-1.065       + 0.006-0.009  = 1.07
         business   1.079-1.088       + 0.035-0.057  = 1.11-1.14
-        full       1.239-1.250       + 1.144        = 2.4    (santurkar-curvature not measured: it
-                                                              fails on a net with in-place ReLUs)
+        full       1.152             + 0.479 (standard / 100) + 0.570 (expensive / 1000) = 2.2
+
+    In ``full`` the expensive probes run every 1000 steps: ``santurkar-curvature`` alone costs
+    ~484 steps a call on that model (every BN layer's Thm 4.2 terms from activation-space HVPs),
+    which every 200 steps would add 2.4 steps to each step.
     """
     register_preset("economy", [("grad-norm", 1), ("weight-norm", 1), ("lr", 1), ("activation-stats", 10)],
                     "‖∇L‖, ‖w‖, learning rates every step, activation statistics every 10 steps; ~1.07x a bare step")
@@ -250,9 +253,9 @@ def _register_presets() -> None:
     standard = sorted(n for n, e in PROBES.items() if e.cost == "standard")
     expensive = sorted(n for n, e in PROBES.items() if e.cost == "expensive")
     register_preset("full", [(n, 1) for n in cheap] + [("activation-stats", 10)] + [(n, 100) for n in standard]
-                    + [(n, 200) for n in expensive],
+                    + [(n, 1000) for n in expensive],
                     "every registered probe: the cheap ones every step (activations every 10), standard ones every "
-                    "100 steps, expensive ones every 200; ~2.4x a bare step")
+                    "100 steps, expensive ones every 1000; ~2.2x a bare step")
 
 
 _register_presets()
