@@ -72,6 +72,8 @@ __all__ = [
     "EigenInfo",
     "TraceEstimate",
     "loss_and_grad",
+    "rng_snapshot",
+    "flat_matvec",
     "check_keys",
     "hvp",
     "quadratic_form",
@@ -978,6 +980,8 @@ def model_loss_closure(
     model: nn.Module,
     batch: Any,
     loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
+    *,
+    rng: Optional[tuple] = None,
 ) -> tuple[LossClosure, dict[str, Tensor]]:
     """The loss of ``model`` on one batch as a closure of its trainable parameters.
 
@@ -1006,6 +1010,9 @@ def model_loss_closure(
       forked RNG: a stochastic layer (dropout in train mode) draws the *same* masks at every
       evaluation, so ``f`` is one deterministic function of the parameters (its Hessian is the
       Hessian of the loss with those masks), and calling ``f`` never advances the global RNG.
+      With ``rng`` (from :func:`rng_snapshot`) every call runs from that state instead: taken
+      just before the training forward pass, it gives the masks that pass drew (as
+      :class:`bnlab.probes.LandscapeProbe` does through ``Monitor``).
       Two closures built from the same RNG state give the same masks; the ``model_*`` wrappers
       also restore the RNG, so repeated calls give identical results.
     * **Attention.** ``f`` runs inside :func:`bnlab.adapters.math_attention`:
@@ -1022,6 +1029,8 @@ def model_loss_closure(
         loss_fn: ``loss_fn(logits, y) -> scalar``, e.g. ``torch.nn.functional.cross_entropy``;
             ``None``: the model's own loss (``output.loss``, e.g. a Hugging Face model given
             ``labels``).
+        rng: the random-number state every call starts from (:func:`rng_snapshot`); ``None``:
+            the state now.
 
     Returns:
         ``(f, params)``: the closure and the current trainable parameters (detached copies).
@@ -1050,8 +1059,11 @@ def model_loss_closure(
             buffers[full] = b.detach().clone()
 
     devices = _cuda_devices(model)
-    rng_cpu = torch.get_rng_state()
-    rng_cuda = [torch.cuda.get_rng_state(d) for d in devices]
+    if rng is None:
+        rng = rng_snapshot(model)
+    rng_cpu = rng[0]
+    cuda_states = dict(rng[1])
+    rng_cuda = [cuda_states[d] if d in cuda_states else torch.cuda.get_rng_state(d) for d in devices]
 
     def f(p: dict[str, Tensor]) -> Tensor:
         consts = dict(frozen)
@@ -1161,6 +1173,13 @@ def layer_output_closure(
             h.remove()
 
     return f, y0
+
+
+def rng_snapshot(model: nn.Module) -> tuple:
+    """The random-number state now: ``(CPU state, [(device, state), ...])`` for the CUDA devices
+    holding ``model``'s parameters and buffers. Pass it as ``rng=`` to :func:`model_loss_closure`
+    to evaluate the loss with the masks a forward pass from this state draws."""
+    return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(model)]
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:

@@ -300,6 +300,7 @@ def probe_model_along_gradient(
     loss: Optional[Union[float, Tensor]] = None,
     vectorize: Vectorize = "auto",
     chunk_size: Optional[int] = None,
+    rng: Optional[tuple] = None,
 ) -> GradientLineScan:
     """:func:`probe_along_gradient` for the batch loss of ``model``; the model is left unchanged.
 
@@ -324,6 +325,10 @@ def probe_model_along_gradient(
         loss: ``L_B(w)``, if known (with ``grad``).
         vectorize: ``True``, ``False`` or ``"auto"``.
         chunk_size: see :func:`probe_along_gradient`.
+        rng: the random-number state every probe point starts from
+            (:func:`bnlab.curvature.rng_snapshot`, taken before the training forward pass: the
+            training step's dropout masks, so that ``grad`` and the probe points share them);
+            ``None``: the state now.
 
     Returns:
         A :class:`GradientLineScan`.
@@ -337,7 +342,7 @@ def probe_model_along_gradient(
         Santurkar et al., NeurIPS 2018, sec. 3.2.
     """
     with model_state_preserved(model):
-        f, params = model_loss_closure(model, batch, loss_fn)
+        f, params = model_loss_closure(model, batch, loss_fn, rng=rng)
         return probe_along_gradient(
             f,
             params,

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from .curvature import rng_snapshot
 from .probes.base import Probe, StepContext
 
 
@@ -95,7 +96,8 @@ class Monitor:
     def before_step(self, batch: Any = None) -> None:
         """Start step ``self.step_index`` with its batch (weights are w_t)."""
         self._ctx = StepContext(
-            step=self.step_index, model=self.model, optimizer=self.optimizer, batch=batch, loss_fn=self.loss_fn
+            step=self.step_index, model=self.model, optimizer=self.optimizer, batch=batch, loss_fn=self.loss_fn,
+            rng=rng_snapshot(self.model),
         )
         self._record = {"step": self.step_index}
         self._backward_done = False

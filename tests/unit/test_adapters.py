@@ -255,3 +255,53 @@ def test_monitor_runs_curvature_probes_on_dict_batches_without_changing_training
     for pa, pb in zip(net_a.parameters(), net_b.parameters()):
         assert torch.equal(pa, pb)
     assert all("hess_quad/gHg" in r and "hess_top/lambda_max" in r for r in rec)
+
+
+def test_landscape_probe_replays_the_training_steps_dropout_masks():
+    """Through Monitor, LandscapeProbe starts every probe point from the RNG state taken at
+    before_step, so dropout draws the training pass's masks: grad_diff equals the gradient
+    differences of the loss with those masks, computed here with plain autograd from the same
+    state replayed, and is O(s) at a small step. Without the replay (the state at the probe) the
+    masks differ and the difference at that step is O(1)."""
+    import copy
+
+    from bnlab.probes import LandscapeProbe
+
+    torch.manual_seed(5)
+    net = KwNet(p_drop=0.5).train()
+    x, y = _data(n=16)
+    steps = [1e-3, 0.05]
+    probe = LandscapeProbe(every=1, step_sizes=steps)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    mon = Monitor(net, opt, [probe], log=None, loss_fn=F.cross_entropy)
+    torch.manual_seed(77)
+    mon.before_step((x, y))
+    state = torch.get_rng_state()  # what the training forward starts from
+    opt.zero_grad()
+    loss = F.cross_entropy(net(x)["logits"], y)
+    loss.backward()
+    net_t = copy.deepcopy(net)  # w_t and g
+    g = {n: p.grad.clone() for n, p in net.named_parameters()}
+    mon.after_backward(loss)
+    opt.step()
+    rec = mon.after_step()
+
+    def grad_diff(s):  # ‖g - ∇L(w_t - s g)‖ with the training pass's masks
+        ref = copy.deepcopy(net_t)
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                p.sub_(s * g[n])
+        torch.set_rng_state(state)
+        gs = torch.autograd.grad(F.cross_entropy(ref(x)["logits"], y), [p for _, p in ref.named_parameters()])
+        return float(torch.sqrt(sum(((g[n] - gi) ** 2).sum() for (n, _), gi in zip(ref.named_parameters(), gs))))
+
+    diffs = [grad_diff(s) for s in steps]
+    assert rec["landscape/grad_diff_min"] == pytest.approx(min(diffs), rel=1e-5)
+    assert rec["landscape/grad_diff_max"] == pytest.approx(max(diffs), rel=1e-5)
+    gnorm = float(torch.sqrt(sum((t ** 2).sum() for t in g.values())))
+    assert rec["landscape/grad_diff_min"] < 0.01 * gnorm  # O(s): the masks match
+    # without the replay: another draw of masks, an O(1) difference at the same small step
+    torch.manual_seed(78)
+    other = probe_model_along_gradient(net_t, (x, y), F.cross_entropy, steps[:1],
+                                       grad=g, loss=loss.detach())
+    assert other.grad_band[0] > 20 * rec["landscape/grad_diff_min"]

@@ -191,10 +191,11 @@ def _finish_moments(raws: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.
     dev = raws[0][0].device
     counts = torch.repeat_interleave(torch.tensor([float(r[5]) for r in raws], dtype=torch.float64),
                                      torch.tensor(sizes)).to(dev)
-    mean = torch.cat([r[0] for r in raws], 1).to(torch.float64).sum(0) / counts
-    q = torch.cat([r[1] for r in raws], 1).to(torch.float64)
+    # float64 sums over the examples, converting on the fly (no float64 copies of the N x C arrays)
+    mean = torch.cat([r[0] for r in raws], 1).sum(0, dtype=torch.float64) / counts
+    q2 = torch.cat([r[1] for r in raws], 1).to(torch.float64).square_().sum(0)
     shift = mean - torch.cat([r[4] for r in raws]).to(torch.float64)
-    std = ((q * q).sum(0) / counts - shift * shift).clamp_min(0.0).sqrt()
+    std = (q2 / counts - shift * shift).clamp_min(0.0).sqrt()
     mx, mn = torch.cat([r[2] for r in raws]), torch.cat([r[3] for r in raws])
     std = torch.where(mx == mn, 0.0, std)  # a constant channel: exactly 0, not the rounded mean's ~1e-7·|mean|
     absmax = torch.maximum(mx, mn.neg())

@@ -40,6 +40,10 @@ class StepContext:
             :func:`bnlab.adapters.logits_of` the output (a tensor, a dict, a ``ModelOutput``).
         metrics: at ``on_eval``, the evaluation metrics (e.g. ``test_acc``).
         scratch: per-step storage shared by the probes (cleared at each ``before_step``).
+        rng: the random-number state at ``before_step``, when the step's forward pass has not
+            run yet: ``(CPU state, [(CUDA device, its state), ...])``, or ``None``. A probe that
+            re-evaluates the step's loss (``LandscapeProbe``) replays it, so that dropout draws
+            the masks the training pass drew.
     """
 
     step: int
@@ -50,6 +54,7 @@ class StepContext:
     loss_fn: Optional[Callable] = None
     metrics: dict = field(default_factory=dict)
     scratch: dict = field(default_factory=dict)
+    rng: Optional[tuple] = None
 
 
 def every_n(n: int) -> Callable[[int], bool]:

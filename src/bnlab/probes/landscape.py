@@ -17,10 +17,15 @@ statistic; a ``bn-noisy`` layer replays the noise of the step), so the model, it
 ``.grad`` and the RNG are left exactly as they were.
 
 Batches may be ``(x, y)`` or Hugging Face dicts (:mod:`bnlab.adapters`; without ``loss_fn`` a dict
-batch uses the model's own ``output.loss``). With dropout in train mode every probe point sees one
-fixed set of masks (drawn from the RNG state at the probe, not the training pass's masks), while
-``g`` and ``L_B(w_t)`` are the training step's: ``grad_diff`` at small ``s`` then includes the
-difference between the two draws. Put the model's dropout at 0 (or in eval mode) for clean bands.
+batch uses the model's own ``output.loss``). With dropout in train mode every probe point replays
+the training pass's masks: through ``Monitor`` the probe starts each evaluation from the RNG state
+taken at ``before_step`` (``StepContext.rng``), before the step's forward pass, so ``g``,
+``L_B(w_t)`` and the probe points are one deterministic function of the weights. This holds when
+nothing draws random numbers between ``before_step`` and the forward pass, and the forward draws
+them in the same order at every call (``nn.Dropout``; attention dropout only on the math
+backend, which the probe uses). Called without a context (``ctx.rng`` is ``None``) the masks are
+drawn from the RNG state at the probe, and ``grad_diff`` at small ``s`` then includes the
+difference between two draws.
 
 Reference:
     Santurkar, Tsipras, Ilyas, Madry, "How Does Batch Normalization Help Optimization?",
@@ -142,7 +147,7 @@ class LandscapeProbe(Probe):
         steps = self.grid(ctx)
         res = probe_model_along_gradient(
             ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), steps,
-            grad=g, loss=ctx.loss, vectorize=self.vectorize,
+            grad=g, loss=ctx.loss, vectorize=self.vectorize, rng=ctx.rng,
         )
         if self.keep:
             self.history.append((ctx.step, res))
