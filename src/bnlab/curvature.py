@@ -383,10 +383,11 @@ class CurvatureOperator(Protocol):
 
     def __call__(self, v: dict[str, Tensor]) -> dict[str, Tensor]: ...
 
-    def matvec(self, vec: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """``H v`` on flat vectors, as a new tensor or, where the operator supports ``out``, in
-        ``out`` (the solvers update the result in place). Supporting ``out`` is optional: the
-        solvers look for it in the signature (:func:`flat_matvec`)."""
+    def matvec(self, vec: Tensor) -> Tensor:
+        """``H v`` on flat vectors, as a new tensor (the solvers update the result in place). An
+        operator may also take ``out=`` (a buffer to write ``H v`` into, as
+        :meth:`HessianOperator.matvec` does): the solvers look for it in the signature
+        (:func:`flat_matvec`) and then pass one work buffer for every product."""
 
     def flat_params(self) -> Tensor: ...
 
@@ -802,7 +803,7 @@ def power_iteration(
     theta = prev = math.nan
     rel_change = math.inf
     converged = False
-    mv, work = flat_matvec(op), torch.empty_like(v)
+    mv, work, vbuf = flat_matvec(op), torch.empty_like(v), torch.empty_like(v)
     for _ in range(max_iter):
         w = mv(v, work)
         theta = float(torch.dot(v.double(), w.double()))
@@ -817,7 +818,7 @@ def power_iteration(
         if norm == 0.0 or not math.isfinite(norm):
             converged = norm == 0.0  # v is in the null space: H v = 0 exactly
             break
-        v = w / norm
+        v = torch.div(w, norm, out=vbuf)  # the next iterate, in its own buffer (never the work buffer)
     info = EigenInfo(
         n_hvp=op.n_hvp - hvp0,
         n_iter=len(history),
@@ -1179,6 +1180,8 @@ def rng_snapshot(model: nn.Module) -> tuple:
     """The random-number state now: ``(CPU state, [(device, state), ...])`` for the CUDA devices
     holding ``model``'s parameters and buffers. Pass it as ``rng=`` to :func:`model_loss_closure`
     to evaluate the loss with the masks a forward pass from this state draws."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return torch.get_rng_state(), []  # no CUDA state to keep (and no walk over the model)
     return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in _cuda_devices(model)]
 
 

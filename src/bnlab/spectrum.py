@@ -220,10 +220,11 @@ def lanczos_quadrature(matvec, v0: Tensor, n_steps: int) -> tuple[np.ndarray, np
     Q = torch.empty(m, n, dtype=v0.dtype, device=v0.device)
     alphas: list[float] = []
     betas: list[float] = []
-    torch.div(v0.reshape(-1), v0.norm(), out=Q[0])
+    v0 = v0.detach().reshape(-1)
+    torch.div(v0, v0.norm(), out=Q[0])
     for j in range(m):
         q = Q[j]
-        w = matvec(q)  # updated in place below: a new tensor, or a work buffer of the caller's
+        w = matvec(q).detach()  # updated in place below: a new tensor, or a work buffer of the caller's
         if w.data_ptr() == q.data_ptr() or not w.is_contiguous() or w.dtype != Q.dtype:
             w = w.to(Q.dtype).clone()  # an operator that hands back its input, or a strided view
         Qj = Q[: j + 1]

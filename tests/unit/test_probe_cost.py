@@ -338,3 +338,25 @@ def test_the_step_plan_reads_each_weight_and_gradient_once_whatever_the_order(or
     assert rec["objective/grad_norm_sq"] == pytest.approx(float(w.norm() ** 2 * g.norm() ** 2) + other_sq, rel=5e-8)
     assert rec["weight_norm/total"] == pytest.approx(
         float(torch.cat([p.detach().double().reshape(-1) for p in model.parameters()]).norm()), rel=5e-8)
+
+
+def test_the_plan_waits_for_this_steps_gradient():
+    """Announced before the backward pass, while last step's gradient is still there: a reduction
+    at that time does not spend the plan on the old gradient; after the backward pass the first
+    reduction takes the fused sweep of the new one (its dot product is then in the cache)."""
+    from bnlab.probes._reduce import _key, want_sums
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 128, 3, 3))
+    w.grad = torch.randn_like(w)  # last step's
+    cache: dict = {}
+    want_sums(cache, [w])
+    sumsq64([w], cache)  # e.g. a probe reading ‖w‖² at before_step
+    assert _key("dot", w, w.grad) not in cache  # the plan was not run on the old gradient
+    w.grad = None
+    (w * torch.randn_like(w)).sum().backward()  # this step's gradient
+    g2 = sumsq64([w.grad], cache)
+    assert _key("dot", w, w.grad) in cache  # the sweep ran now, on the new gradient
+    assert g2.item() == pytest.approx(_ref_sumsq(w.grad), rel=5e-8)
+    prod = w.detach().double() * w.grad.double()
+    assert abs(dot64([w], [w.grad], cache).item() - float(prod.sum())) <= 5e-8 * float(prod.abs().sum())

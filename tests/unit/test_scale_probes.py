@@ -327,3 +327,27 @@ def test_sgd_path_skipped_and_foreign_writes():
     out = probe.after_step(ctx)
     assert out[f"{first.name}/angular_update"] == 0.0
     assert math.isnan(out[f"{second.name}/angular_update"])
+
+
+@pytest.mark.parametrize("momentum, weight_decay", [(0.0, 0.0), (0.0, 1e-2), (0.9, 1e-2)])
+def test_gradient_clipped_after_after_backward_gives_the_true_angle(momentum, weight_decay):
+    """after_backward may be called before the user clips the gradient (its documented place is
+    between backward and the step): the angle and the update are those of the step as it ran."""
+    model = make(dtype=torch.float64, seed=2)
+    data = batches(2, dtype=torch.float64, seed=4)
+    groups = find_scale_invariant(model, data[0], F.cross_entropy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=momentum, weight_decay=weight_decay)
+    probe = ScaleInvariantStats(groups)
+    for step, (x, y) in enumerate(data):
+        ctx = StepContext(step=step, model=model, optimizer=opt, batch=(x, y))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        w0 = [g.param.detach().clone() for g in groups]
+        out = probe.after_backward(ctx)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # after the probe read g
+        opt.step()
+        out.update(probe.after_step(ctx))
+        for g, w in zip(groups, w0):
+            w1 = g.param.detach()
+            true = math.acos(min(1.0, float(torch.dot(w.flatten(), w1.flatten()) / (w.norm() * w1.norm()))))
+            assert out[f"{g.name}/angular_update"] == pytest.approx(true, rel=1e-6, abs=1e-12), (step, g.name)

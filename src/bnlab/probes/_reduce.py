@@ -173,7 +173,7 @@ def norms_dot64(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], cache: d
     if not xs:
         return torch.zeros(3, 0, dtype=torch.float64)
     if cache is not None and cache.get(_PLAN):
-        _run_plan(cache, xs + ys)  # the announced sums first (with momentum buffers, if announced)
+        _run_plan(cache, xs + ys)  # the announced sums first, in their fused sweep
     fused: dict[int, torch.Tensor] = {}
     for i, (x, y) in enumerate(zip(xs, ys)):
         if not (_is_rows(x) and _is_rows(y) and x.numel() == y.numel() and x.numel() % ROW == 0):
@@ -240,11 +240,12 @@ def want_sums(cache: dict | None, params: Sequence[torch.Tensor]) -> None:
         return
     plan = cache.setdefault(_PLAN, {})
     for p in params:
-        plan[id(p)] = p
+        g = p.grad  # the gradient now, before the backward pass: not the one to sweep
+        plan[id(p)] = (p, g, None if g is None else g._version)
 
 
 def want_dots(cache: dict | None, xs: Sequence[torch.Tensor]) -> None:
-    """:func:`want_sums` without momentum buffers (``‖x‖², ‖∇x‖², ⟨x, ∇x⟩``)."""
+    """:func:`want_sums` under its former name (``‖x‖², ‖∇x‖², ⟨x, ∇x⟩``)."""
     want_sums(cache, xs)
 
 
@@ -263,16 +264,18 @@ def _run_plan(cache: dict, missing: list[torch.Tensor]) -> bool:
     (and that has a gradient), caching them; ``True`` when anything was computed."""
     plan = cache[_PLAN]
     owner: dict[int, int] = {}
-    for pid, p in plan.items():
-        if p.grad is not None:  # before the backward pass: left in the plan for later
-            owner[id(p)] = owner[id(p.grad)] = pid
+    for pid, (p, g0, v0) in plan.items():
+        g = p.grad
+        if g is None or (g is g0 and g._version == v0):
+            continue  # no gradient yet, or still last step's (before the backward pass): left for later
+        owner[id(p)] = owner[id(g)] = pid
     todo = {owner[id(t)] for t in missing if id(t) in owner}
     if not todo:
         return False
     done = cache.setdefault(_PLAN_DONE, set())
     small: list[tuple[torch.Tensor, torch.Tensor]] = []
     for pid in todo:
-        p = plan.pop(pid)
+        p = plan.pop(pid)[0]
         done.add(pid)
         g = p.grad  # the objects themselves are the cache keys
         if _is_rows(p) and _is_rows(g) and g.numel() == p.numel() and p.numel() % ROW == 0 \

@@ -191,7 +191,7 @@ def _finish_moments(raws: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.
     dev = raws[0][0].device
     counts = torch.repeat_interleave(torch.tensor([float(r[5]) for r in raws], dtype=torch.float64),
                                      torch.tensor(sizes)).to(dev)
-    # float64 sums over the examples, converting on the fly (no float64 copies of the N x C arrays)
+    # float64 sums over the examples (the N x C partial sums are small: their conversions are cheap)
     mean = torch.cat([r[0] for r in raws], 1).sum(0, dtype=torch.float64) / counts
     q2 = torch.cat([r[1] for r in raws], 1).to(torch.float64).square_().sum(0)
     shift = mean - torch.cat([r[4] for r in raws]).to(torch.float64)

@@ -43,11 +43,10 @@ class ScaleInvariantStats(Probe):
     The probe only reads: nothing in the model or optimizer is written, and no RNG is used. For
     ``torch.optim.SGD`` (momentum, dampening and weight decay of the parameter's group; not
     ``nesterov``, ``maximize`` or ``fused``) the update is known from the optimizer, so nothing is
-    copied: ``w_{t+1} = w_t - η_t u`` with ``u = buf_{t+1} = μ buf_t + (1 - d)(g_t + λ w_t)``
-    (``g_t + λ w_t`` on the first step) with momentum, ``u = g_t + λ w_t`` without, hence
-    ``‖w_t - w_{t+1}‖² = η_t² ‖u‖²``: read from the momentum buffer after the step, or, without
-    momentum, ``η_t² (‖g_t‖² + 2λ⟨w_t, g_t⟩ + λ²‖w_t‖²)`` from the sums already taken
-    (:func:`_sgd_modes`; it checks that the optimizer's update was the only in-place write to the
+    copied: ``w_{t+1} = w_t - η_t u`` with ``u = buf_{t+1} = μ buf_t + (1 - d)(g + λ w_t)``
+    (``g + λ w_t`` on the first step) with momentum, ``u = g + λ w_t`` without, ``g`` the gradient as
+    the step used it, hence ``‖w_t - w_{t+1}‖² = η_t² ‖u‖²``: read from the momentum buffer after the
+    step, or, without momentum, from ``g`` and ``w_{t+1}`` (:func:`_sgd_modes`; it checks that the optimizer's update was the only in-place write to the
     parameter between the two events: a parameter it did not move has angle 0, one written again
     gives ``nan``; writes through ``.data`` are not seen). For other optimizers ``w_t`` is copied
     into the probe's own buffers (allocated once) and the difference taken after the step.
@@ -61,8 +60,8 @@ class ScaleInvariantStats(Probe):
     ``‖w_t‖²``, ``‖g_t‖²`` and ``⟨w_t, g_t⟩`` in one sweep, and the others read the cache, as
     ``WeightNorm`` reads this probe's ``‖w_{t+1}‖²``. With SGD and momentum a step reads the
     scale-invariant weights' size four times (``w_t`` and ``g_t`` in the sweep; ``w_{t+1}`` and
-    ``buf_{t+1}`` after the step), three times without momentum; the copy path reads and writes it
-    nine times. On ResNet-18 (batch 32 of 32x32 images, CPU, one thread,
+    ``buf_{t+1}`` after the step), as often without momentum (``g`` again, a cache hit unless it
+    was clipped; with weight decay also ``⟨w_{t+1}, g⟩``); the copy path reads and writes it nine times. On ResNet-18 (batch 32 of 32x32 images, CPU, one thread,
     ``benchmarks/probe_overhead.py``), where one read of the 11 M weights costs about 2-3 % of a
     step (memory bandwidth), that is 1.13x a bare step with SGD and momentum (it was 4.0x, then
     1.24x with the copy): run it every few steps (``every=10`` in the ``business`` preset) where
@@ -148,12 +147,9 @@ class ScaleInvariantStats(Probe):
         out: dict = {}
         saved = {}
         tot_w2 = tot_g2 = tot_dot = tot_wg2 = 0.0
-        wds = _weight_decays(ctx.optimizer)
-        sums = {}  # per group: (‖w_t‖², ⟨w_t, g_t⟩, λ) for the "grad" update's ‖Δ‖²
         for (name, p), w2, g2, dot in zip(self.groups, w2l, g2l, dotl):
             lr = lrs.get(id(p))
             saved[name] = (w2, g2, lr)
-            sums[name] = (w2, dot, wds.get(id(p), 0.0))
             tot_w2, tot_g2, tot_dot, tot_wg2 = tot_w2 + w2, tot_g2 + g2, tot_dot + dot, tot_wg2 + w2 * g2
             out.update(_stats(name, w2, g2, dot, math.sqrt(w2 * g2), lr))
         group_lrs = {lr for _, _, lr in saved.values()}
@@ -164,7 +160,7 @@ class ScaleInvariantStats(Probe):
         for p, m in zip(ws, modes):
             buf = state[p].get("momentum_buffer") if m == "buf" and p in state else None
             before.append((p._version, buf, None if buf is None else buf._version))
-        self._saved = {"step": ctx.step, "groups": saved, "modes": modes, "before": before, "sums": sums}
+        self._saved = {"step": ctx.step, "groups": saved, "modes": modes, "before": before}
         return out
 
     def _copy_weights(self, ws: list[torch.Tensor]) -> None:
@@ -184,8 +180,8 @@ class ScaleInvariantStats(Probe):
         cache = step_cache(ctx)
         w2a = sumsq64(ws, cache)
         # ‖w_t - w_{t+1}‖² per parameter: from the probe's copy of w_t ("copy"), or from what plain SGD
-        # applied, Δ = -η buf_{t+1} ("buf", read after the step) or Δ = -η (g_t + λ w_t) ("grad", from
-        # the sums at after_backward: nothing read), see _sgd_modes
+        # applied, read after the step: Δ = -η buf_{t+1} ("buf") or Δ = -η (g + λ w_t) ("grad"; g as the
+        # step used it, after any clipping, and w_t from w_{t+1}), see _sgd_modes
         modes, state = saved["modes"], (ctx.optimizer.state if ctx.optimizer is not None else {})
         copied = [w.detach() for w, m in zip(ws, modes) if m == "copy"]
         if copied:
@@ -194,8 +190,10 @@ class ScaleInvariantStats(Probe):
         deltas: list = []
         factors: list[float] = []
         known: list = []
+        decayed: list = []  # (index, η, λ) of the "grad" parameters with weight decay
+        wds = _weight_decays(ctx.optimizer)
         k = 0
-        for (name, p), m, (v0, buf0, bv0) in zip(self.groups, modes, saved["before"]):
+        for i, ((name, p), m, (v0, buf0, bv0)) in enumerate(zip(self.groups, modes, saved["before"])):
             d, f, v = None, 1.0, None
             if m == "copy":
                 d = self._bufs[k]
@@ -210,10 +208,10 @@ class ScaleInvariantStats(Probe):
                     v = math.nan  # written by something other than one plain SGD update: unknown
                 elif m == "buf":  # Δ = -η buf_{t+1}
                     d, f = buf.detach(), lr * lr
-                else:  # Δ = -η (g_t + λ w_t): η² (‖g‖² + 2λ⟨w, g⟩ + λ²‖w‖²) from the sums at after_backward
-                    w2, dot, wd = saved["sums"][name]
-                    g2 = saved["groups"][name][1]
-                    v = lr * lr * max(g2 + 2.0 * wd * dot + wd * wd * w2, 0.0)
+                elif wds.get(id(p), 0.0) == 0.0:  # Δ = -η g, g the gradient the step used (read now)
+                    d, f = p.grad.detach(), lr * lr
+                else:  # Δ = -η (g + λ w_t), w_t = (w_{t+1} + η g)/(1 - ηλ): see below
+                    decayed.append((i, lr, wds[id(p)]))
             deltas.append(d)
             factors.append(f)
             known.append(v)
@@ -221,8 +219,19 @@ class ScaleInvariantStats(Probe):
         d2 = torch.zeros_like(w2a)
         if have:
             d2[torch.tensor(have, device=w2a.device)] = sumsq64([deltas[i] for i in have], cache).to(w2a.device)
-        w2al, d2l = torch.stack([w2a, d2]).tolist()
+        parts = [w2a, d2]
+        if decayed:  # ‖g‖² and ⟨w_{t+1}, g⟩ of the gradients as the step used them (after any clipping)
+            gs_now = [ws[i].grad for i, _, _ in decayed]
+            parts += [sumsq64(gs_now, cache).to(w2a.device), dot64([ws[i] for i, _, _ in decayed], gs_now, cache).to(w2a.device)]
+        vals = torch.cat(parts).tolist()
+        n = len(ws)
+        w2al, d2l = vals[:n], vals[n:2 * n]
         d2l = [v if v is not None else f * x for v, f, x in zip(known, factors, d2l)]
+        for j, (i, lr, wd) in enumerate(decayed):
+            # g + λ w_t = (g + λ w_{t+1}) / (1 - ηλ), so ‖Δ‖² = η² (‖g‖² + 2λ⟨w_{t+1}, g⟩ + λ²‖w_{t+1}‖²) / (1 - ηλ)²
+            gg, wg = vals[2 * n + j], vals[2 * n + len(decayed) + j]
+            c = 1.0 - lr * wd
+            d2l[i] = lr * lr * max(gg + 2.0 * wd * wg + wd * wd * w2al[i], 0.0) / (c * c) if c != 0 else math.nan
         out: dict = {}
         res_sum, w2_sum, all_have_lr = 0.0, 0.0, True
         tot_b, tot_a, tot_d = 0.0, 0.0, 0.0
@@ -260,9 +269,11 @@ def _sgd_modes(optimizer, params: list) -> list[str]:
     ``μ``, dampening ``d`` and weight decay ``λ`` of the parameter's group, ``buf_{t+1} = μ buf_t +
     (1 - d)(g_t + λ w_t)`` (``g_t + λ w_t`` on the first step) and ``w_{t+1} = w_t - η buf_{t+1}``, so
     ``‖w_t - w_{t+1}‖² = η² ‖buf_{t+1}‖²``, read from the optimizer's state after the step
-    (``"buf"``); without momentum or weight decay ``w_{t+1} = w_t - η g_t`` and it is ``η² ‖g_t‖²``
-    (``"grad"``). Every other case (other optimizers, ``μ = 0`` with ``λ ≠ 0``, a parameter in no
-    group) copies ``w_t`` (``"copy"``). The SGD modes check at ``after_step`` that exactly one
+    (``"buf"``); without momentum ``w_{t+1} = w_t - η (g + λ w_t)`` with ``g`` the gradient as the step
+    used it (after any clipping), and it is ``η² ‖g‖²`` without weight decay, else
+    ``η² ‖g + λ w_{t+1}‖² / (1 - ηλ)²`` (``w_t = (w_{t+1} + η g)/(1 - ηλ)``), both read after the step
+    (``"grad"``). Every other case (other optimizers, a parameter in no group) copies ``w_t``
+    (``"copy"``). The SGD modes check at ``after_step`` that exactly one
     in-place write moved the parameter (its ``_version``) and, with momentum, that the buffer was
     written; an unmoved parameter has ``Δ = 0``, anything else gives ``nan``.
     """
