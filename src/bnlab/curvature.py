@@ -1224,6 +1224,7 @@ def model_hvp(
     v: dict[str, Tensor],
     *,
     method: HvpMethod = "auto",
+    rng: Optional[tuple] = None,
 ) -> dict[str, Tensor]:
     """:func:`hvp` of the batch loss of ``model``; the model is left unchanged.
 
@@ -1240,6 +1241,8 @@ def model_hvp(
         loss_fn: ``loss_fn(logits, y) -> scalar``; ``None``: the model's own ``output.loss``.
         v: direction, a dict keyed by trainable parameter name.
         method: HVP method, see :func:`hvp`.
+        rng: the random-number state every evaluation starts from (:func:`rng_snapshot`, e.g.
+            ``StepContext.rng``: the training step's dropout masks); ``None``: the state now.
 
     Returns:
         ``H v`` as a dict keyed by parameter name.
@@ -1252,7 +1255,7 @@ def model_hvp(
         Pearlmutter 1994.
     """
     with model_state_preserved(model):
-        f, params = model_loss_closure(model, batch, loss_fn)
+        f, params = model_loss_closure(model, batch, loss_fn, rng=rng)
         return hvp(f, params, v, method=method)
 
 
@@ -1263,6 +1266,7 @@ def model_quadratic_form(
     v: Optional[dict[str, Tensor]] = None,
     *,
     method: HvpMethod = "auto",
+    rng: Optional[tuple] = None,
 ) -> Tensor:
     """:func:`quadratic_form` ``vᵀHv/‖v‖²`` of the batch loss (default ``v = g``: ``gᵀHg/‖g‖²``).
 
@@ -1275,6 +1279,8 @@ def model_quadratic_form(
         loss_fn: ``loss_fn(logits, y) -> scalar``; ``None``: the model's own ``output.loss``.
         v: direction keyed by trainable parameter name, or ``None`` for the batch gradient.
         method: HVP method, see :func:`hvp`.
+        rng: the random-number state every evaluation starts from (:func:`rng_snapshot`, e.g.
+            ``StepContext.rng``: the training step's dropout masks); ``None``: the state now.
 
     Returns:
         0-d tensor.
@@ -1286,7 +1292,7 @@ def model_quadratic_form(
         Santurkar et al., NeurIPS 2018, sec. 3.
     """
     with model_state_preserved(model):
-        f, params = model_loss_closure(model, batch, loss_fn)
+        f, params = model_loss_closure(model, batch, loss_fn, rng=rng)
         return quadratic_form(f, params, v, method=method)
 
 
@@ -1295,6 +1301,8 @@ def model_top_eigenvalues(
     batch: Any,
     loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     k: int = 1,
+    *,
+    rng: Optional[tuple] = None,
     **kwargs,
 ) -> tuple[Tensor, EigenInfo]:
     """:func:`top_eigenvalues` of the Hessian of the batch loss; the model is left unchanged.
@@ -1306,6 +1314,8 @@ def model_top_eigenvalues(
         k: number of eigenvalues.
         **kwargs: ``tol``, ``max_iter``, ``seed``, ``which``, ``method``,
             ``return_eigenvectors`` as in :func:`top_eigenvalues`.
+        rng: the random-number state every evaluation starts from (:func:`rng_snapshot`, e.g.
+            ``StepContext.rng``: the training step's dropout masks); ``None``: the state now.
 
     Returns:
         ``(eigenvalues, info)``.
@@ -1317,7 +1327,7 @@ def model_top_eigenvalues(
         Lanczos 1950; Ghorbani et al., ICML 2019.
     """
     with model_state_preserved(model):
-        f, params = model_loss_closure(model, batch, loss_fn)
+        f, params = model_loss_closure(model, batch, loss_fn, rng=rng)
         return top_eigenvalues(f, params, k, **kwargs)
 
 
@@ -1326,6 +1336,8 @@ def model_hessian_trace(
     batch: Any,
     loss_fn: Optional[Callable[[Tensor, Tensor], Tensor]] = None,
     n_samples: int = 100,
+    *,
+    rng: Optional[tuple] = None,
     **kwargs,
 ) -> TraceEstimate:
     """:func:`hessian_trace` of the batch loss; the model is left unchanged.
@@ -1336,6 +1348,8 @@ def model_hessian_trace(
         loss_fn: ``loss_fn(logits, y) -> scalar``; ``None``: the model's own ``output.loss``.
         n_samples: number of Rademacher vectors.
         **kwargs: ``seed``, ``method`` as in :func:`hessian_trace`.
+        rng: the random-number state every evaluation starts from (:func:`rng_snapshot`, e.g.
+            ``StepContext.rng``: the training step's dropout masks); ``None``: the state now.
 
     Returns:
         A :class:`TraceEstimate`.
@@ -1347,5 +1361,5 @@ def model_hessian_trace(
         Hutchinson 1989.
     """
     with model_state_preserved(model):
-        f, params = model_loss_closure(model, batch, loss_fn)
+        f, params = model_loss_closure(model, batch, loss_fn, rng=rng)
         return hessian_trace(f, params, n_samples, **kwargs)

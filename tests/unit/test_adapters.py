@@ -305,3 +305,37 @@ def test_landscape_probe_replays_the_training_steps_dropout_masks():
     other = probe_model_along_gradient(net_t, (x, y), F.cross_entropy, steps[:1],
                                        grad=g, loss=loss.detach())
     assert other.grad_band[0] > 20 * rec["landscape/grad_diff_min"]
+
+
+def test_hessian_probes_use_the_training_steps_dropout_masks():
+    """HessianQuadForm and TopHessianEigenvalue evaluate the loss from StepContext.rng too: their
+    values equal the model_* functions given the RNG state taken before the training forward pass,
+    and differ from another draw of masks."""
+    import copy
+
+    from bnlab.curvature import model_quadratic_form, model_top_eigenvalues
+
+    torch.manual_seed(6)
+    net = KwNet(p_drop=0.5).train()
+    x, y = _data(n=16)
+    probes = [HessianQuadForm(every=1), TopHessianEigenvalue(every=1, max_iter=30, tol=1e-10)]
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    mon = Monitor(net, opt, probes, log=None, loss_fn=F.cross_entropy)
+    torch.manual_seed(11)
+    mon.before_step((x, y))
+    state = torch.get_rng_state()
+    opt.zero_grad()
+    loss = F.cross_entropy(net(x)["logits"], y)
+    loss.backward()
+    net_t = copy.deepcopy(net)
+    mon.after_backward(loss)
+    opt.step()
+    rec = mon.after_step()
+    rng = (state, [])
+    q = float(model_quadratic_form(net_t, (x, y), F.cross_entropy, rng=rng))
+    lam, _ = model_top_eigenvalues(net_t, (x, y), F.cross_entropy, k=1, rng=rng, max_iter=30, tol=1e-10)
+    assert rec["hess_quad/gHg"] == pytest.approx(q, rel=1e-6)
+    assert rec["hess_top/lambda_max"] == pytest.approx(float(lam[0]), rel=1e-6)
+    torch.manual_seed(12)
+    other = float(model_quadratic_form(net_t, (x, y), F.cross_entropy))
+    assert abs(other - q) > 1e-3 * abs(q)  # another draw of masks gives another value

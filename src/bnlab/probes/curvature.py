@@ -56,7 +56,7 @@ class HessianQuadForm(Probe):
     def after_backward(self, ctx: StepContext) -> dict:
         if ctx.batch is None:
             return {}
-        q = model_quadratic_form(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn))
+        q = model_quadratic_form(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), rng=ctx.rng)
         return {"gHg": float(q)}
 
 
@@ -92,7 +92,7 @@ class TopHessianEigenvalue(Probe):
     def after_backward(self, ctx: StepContext) -> dict:
         if ctx.batch is None:
             return {}
-        lam, info = model_top_eigenvalues(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), k=1,
+        lam, info = model_top_eigenvalues(ctx.model, ctx.batch, default_loss_fn(ctx.batch, ctx.loss_fn), k=1, rng=ctx.rng,
                                           max_iter=self.max_iter, tol=self.tol, seed=self.seed)
         return {
             "lambda_max": float(lam[0]),
