@@ -262,6 +262,23 @@ def test_probe_does_not_change_training():
         assert na == nb and torch.equal(a, b), na
 
 
+def _probed_steps(model, opt, data, groups, between=None):
+    """One SGD step per batch with ScaleInvariantStats called by hand; yields (record, w_t per
+    group). ``between`` runs after the probe's after_backward and before the step."""
+    probe = ScaleInvariantStats(groups)
+    for step, (x, y) in enumerate(data):
+        ctx = StepContext(step=step, model=model, optimizer=opt, batch=(x, y))
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        w0 = [g.param.detach().clone() for g in groups]
+        out = probe.after_backward(ctx)
+        if between is not None:
+            between()
+        opt.step()
+        out.update(probe.after_step(ctx))
+        yield out, w0
+
+
 class _CopySGD(torch.optim.SGD):
     """The same updates as torch.optim.SGD; a subclass, so ScaleInvariantStats takes its copy path."""
 
@@ -286,16 +303,8 @@ def test_sgd_update_path_equals_copy_path(foreach, momentum, dampening, weight_d
         modes = _sgd_modes(opt, [g.param for g in groups])
         expect = "copy" if cls is _CopySGD else "buf" if momentum else "grad"
         assert modes == [expect] * len(groups)
-        probe = ScaleInvariantStats(groups)
         rec = []
-        for step, (x, y) in enumerate(data):
-            ctx = StepContext(step=step, model=model, optimizer=opt, batch=(x, y))
-            opt.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            w0 = [g.param.detach().clone() for g in groups]
-            out = probe.after_backward(ctx)
-            opt.step()
-            out.update(probe.after_step(ctx))
+        for out, w0 in _probed_steps(model, opt, data, groups):
             for g, w in zip(groups, w0):
                 w1 = g.param.detach()
                 acos = math.acos(float(torch.dot(w.flatten(), w1.flatten()) / (w.norm() * w1.norm())))
@@ -337,16 +346,8 @@ def test_gradient_clipped_after_after_backward_gives_the_true_angle(momentum, we
     data = batches(2, dtype=torch.float64, seed=4)
     groups = find_scale_invariant(model, data[0], F.cross_entropy)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=momentum, weight_decay=weight_decay)
-    probe = ScaleInvariantStats(groups)
-    for step, (x, y) in enumerate(data):
-        ctx = StepContext(step=step, model=model, optimizer=opt, batch=(x, y))
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        w0 = [g.param.detach().clone() for g in groups]
-        out = probe.after_backward(ctx)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # after the probe read g
-        opt.step()
-        out.update(probe.after_step(ctx))
+    clip = lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # noqa: E731  (after the probe read g)
+    for step, (out, w0) in enumerate(_probed_steps(model, opt, data, groups, between=clip)):
         for g, w in zip(groups, w0):
             w1 = g.param.detach()
             true = math.acos(min(1.0, float(torch.dot(w.flatten(), w1.flatten()) / (w.norm() * w1.norm()))))
