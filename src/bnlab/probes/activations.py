@@ -127,26 +127,7 @@ def _fast_moments(h: torch.Tensor, scratch: Optional[dict] = None) -> tuple[torc
     the caller keeps) holds a buffer reused for the centred output, so that no fresh memory is
     allocated (and page-faulted) per layer and step.
     """
-    h = h.detach()
-    if h.dim() == 1:
-        h = h[:, None]
-    n, c = h.shape[0], h.shape[1]
-    hv = h.reshape(n, c, -1)
-    count = hv.shape[0] * hv.shape[2]
-    mean = hv.sum(2).to(torch.float64).sum(0) / count
-    m_rounded = mean.to(h.dtype)
-    out = None
-    if scratch is not None:
-        buf = scratch.get("buf")
-        if buf is None or buf.numel() < hv.numel() or buf.dtype != hv.dtype or buf.device != hv.device:
-            buf = scratch["buf"] = torch.empty(hv.numel(), dtype=hv.dtype, device=hv.device)
-        out = buf[:hv.numel()].view(hv.shape)
-    cen = torch.sub(hv, m_rounded.view(1, c, 1), out=out)
-    centred = torch.linalg.vector_norm(cen, dim=2).to(torch.float64).square().sum(0) / count
-    var = (centred - (mean - m_rounded.to(torch.float64)).square()).clamp_min(0.0)
-    mx, mn = hv.amax(2).amax(0), hv.amin(2).amin(0)
-    var = torch.where(mx == mn, 0.0, var)  # a constant channel: exactly 0
-    return mean, var.sqrt(), torch.maximum(mx, mn.neg())
+    return _finish_moments([_raw_moments(h, {} if scratch is None else scratch)])[0]
 
 
 def _raw_moments(h: torch.Tensor, scratch: dict) -> tuple:

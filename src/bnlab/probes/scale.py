@@ -125,7 +125,7 @@ class ScaleInvariantStats(Probe):
     def after_backward(self, ctx: StepContext) -> dict | None:
         if not self.groups:
             return None
-        lrs = _lr_by_param(ctx.optimizer)
+        lrs = _by_param(ctx.optimizer, "lr")
         ws = [p for _, p in self.groups]  # the parameters themselves: keys of the step's shared cache
         with_grad = [i for i, (_, p) in enumerate(self.groups) if p.grad is not None]
         gs = [self.groups[i][1].grad for i in with_grad]
@@ -191,7 +191,7 @@ class ScaleInvariantStats(Probe):
         factors: list[float] = []
         known: list = []
         decayed: list = []  # (index, η, λ) of the "grad" parameters with weight decay
-        wds = _weight_decays(ctx.optimizer)
+        wds = _by_param(ctx.optimizer, "weight_decay", 0.0)
         k = 0
         for i, ((name, p), m, (v0, buf0, bv0)) in enumerate(zip(self.groups, modes, saved["before"])):
             d, f, v = None, 1.0, None
@@ -255,10 +255,11 @@ class ScaleInvariantStats(Probe):
 # -------------------------------------------------------------------- helpers
 
 
-def _lr_by_param(optimizer) -> dict[int, float]:
+def _by_param(optimizer, key: str, default: float | None = None) -> dict[int, float]:
+    """``{id(p): float(group[key])}`` over the optimizer's groups (``default`` where a group lacks it)."""
     if optimizer is None:
         return {}
-    return {id(p): float(group["lr"]) for group in optimizer.param_groups for p in group["params"]}
+    return {id(p): float(g.get(key, default)) for g in optimizer.param_groups for p in g["params"]}
 
 
 def _sgd_modes(optimizer, params: list) -> list[str]:
@@ -287,12 +288,6 @@ def _sgd_modes(optimizer, params: list) -> list[str]:
             continue
         modes[i] = "buf" if g.get("momentum", 0) != 0 else "grad"
     return modes
-
-
-def _weight_decays(optimizer) -> dict[int, float]:
-    if optimizer is None:
-        return {}
-    return {id(p): float(g.get("weight_decay", 0)) for g in optimizer.param_groups for p in g["params"]}
 
 
 def _angle(a2: float, b2: float, d2: float) -> float:
