@@ -29,6 +29,14 @@ in training steps: a probe run every ``n`` steps adds about ``steps/call / n`` t
 preset's total is its directly measured every-step core plus Σ steps/call / interval of its
 scheduled probes (from this run's per-call numbers).
 
+**The floor.** Rows under "the floor" are not bnlab probes: each only *reads*, once, the data a
+probe needs (:class:`Floor`: ``torch._foreach_norm`` in float32, one multi-tensor call per event),
+measured in the same interleaved rounds. No implementation of a probe can cost less than its floor
+on this machine: e.g. with SGD and momentum the step leaves ``w_{t+1}``, ``buf_{t+1}`` and ``g``, and
+``ScaleInvariantStats`` needs a sum over each (``‖buf‖²`` for the update, ``‖g‖²`` for the gradient norm;
+neither follows from the others), so three reads of the weights' size are its floor whatever the
+method.
+
 Targets (issue 17, this machine, CPU): each cheap probe ≤ 1.05x, all cheap probes together ≤
 1.10x, ``bnlab.train``'s loop ≤ 1.03x a bare loop.
 """
@@ -50,7 +58,7 @@ import torch.nn.functional as F
 from bnlab.data import ArrayData
 from bnlab.models import make
 from bnlab.monitor import Monitor
-from bnlab.probes import PROBES, make_probe
+from bnlab.probes import PROBES, Probe, make_probe
 from bnlab.train import train
 
 try:  # the presets (added with this benchmark); the script still runs without them
@@ -143,6 +151,73 @@ def _memoize_scale_detection() -> None:
     scale.find_scale_invariant = cached
 
 
+class Floor(Probe):
+    """Not a probe of bnlab: the physical floor of one. It only *reads* the data a probe needs, once,
+    with the fastest one-pass reduction PyTorch has (``torch._foreach_norm``, float32, one multi-tensor
+    call per event), and records one number. ``reads`` names what it reads:
+
+    * ``"w"``, ``"g"`` at ``after_backward``: the weights ``w_t`` and the gradients ``g_t``;
+    * ``"w'"``, ``"buf"`` at ``after_step``: the new weights ``w_{t+1}`` and SGD's momentum buffers;
+    * ``"g'"`` at ``after_step``: the gradients again (as the step used them);
+    * ``"act"``: the outputs of ActivationStats' default layers, in forward hooks during the training
+      pass (one read of each output while it is fresh in the cache).
+    """
+
+    name = "floor"
+    cost = "cheap"
+
+    def __init__(self, reads: tuple, model):
+        super().__init__(1)
+        self.reads = reads
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.acc: list = []
+        self.handles = []
+        if "act" in reads:
+            from bnlab.probes.activations import select_layers
+
+            for _, m in select_layers(model, None):
+                self.handles.append(m.register_forward_hook(self._hook))
+
+    def _hook(self, module, args, output):
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+            with torch.no_grad():
+                self.acc.append(torch.linalg.vector_norm(output.detach()))
+
+    def _read(self, names: tuple) -> None:
+        ts = []
+        for n in names:
+            if n in self.reads:
+                if n == "w" or n == "w'":
+                    ts += [p.detach() for p in self.params]
+                elif n == "g" or n == "g'":
+                    ts += [p.grad for p in self.params if p.grad is not None]
+                elif n == "buf":
+                    st = self.opt.state
+                    ts += [st[p]["momentum_buffer"] for p in self.params if p in st and "momentum_buffer" in st[p]]
+        if ts:
+            self.acc += torch._foreach_norm(ts)
+
+    def after_backward(self, ctx) -> None:
+        self.opt = ctx.optimizer
+        self._read(("w", "g"))
+
+    def after_step(self, ctx) -> dict:
+        self._read(("w'", "buf", "g'"))
+        acc, self.acc = self.acc, []
+        return {"x": float(torch.stack(acc).sum())} if acc else {}
+
+
+#: floor cases: (case name, what it reads, the probe case it bounds)
+FLOORS = [
+    ("floor: read g_t", ("g",), "grad-norm"),
+    ("floor: read w_t, g_t", ("w", "g"), "intrinsic-grad-norm"),
+    ("floor: read w_{t+1}, buf_{t+1}, g", ("w'", "buf", "g'"), "scale-invariant (any method, SGD+momentum)"),
+    ("floor: read w_t, g_t, w_{t+1}, buf_{t+1}", ("w", "g", "w'", "buf"), "scale-invariant (as computed)"),
+    ("floor: read activations", ("act",), "activation-stats"),
+    ("floor: activations + w_t, g_t, w_{t+1}, buf", ("act", "w", "g", "w'", "buf"), "all cheap"),
+]
+
+
 def build_cases(b: Bench, quick: bool, only=None) -> list[Case]:
     _memoize_scale_detection()
     batch = b.batches[0]
@@ -168,6 +243,8 @@ def build_cases(b: Bench, quick: bool, only=None) -> list[Case]:
                       slot, rounds_cheap))
     cases.append(Case(f"all cheap ({len(cheap_names)})", "cheap",
                       [make_probe(n, b.model, batch, F.cross_entropy) for n in cheap_names], slot, rounds_cheap))
+    for fname, reads, _ in FLOORS:
+        cases.append(Case(fname, "floor", [Floor(reads, b.model)], slot, rounds_cheap))
     cases = [c for c in cases if want(c.name)]
     for pname in PRESETS:
         if not want(f"preset {pname}: every-step core"):
@@ -272,12 +349,20 @@ def main(argv=None) -> int:
         rw = statistics.median(c.wall)
         extra = rc - 1.0
         per_call[c.name] = extra
+        if c.declared == "floor":
+            continue
         spc = f"{extra:>12.2f}" if c.declared != "cheap" else f"{'':>12}"
         print(f"{c.name:<40}{c.declared:>10}{rc:>9.3f}{rw:>8.3f}{measured_class(rc):>10}{spc}{len(c.cpu):>8}")
     for name, err in failed.items():
         print(f"{name:<40}{'':>10}  FAILED on this model: {err}")
     rc, rw = statistics.median(tr_cpu if primary == "cpu" else tr_wall), statistics.median(tr_wall)
     print(f"{'bnlab.train loop vs bare loop':<40}{'':>10}{rc:>9.3f}{rw:>8.3f}{'':>10}{'':>12}{len(tr_cpu):>8}")
+    floors = [c for c in cases if c.declared == "floor"]
+    if floors:
+        print("\nthe floor: only reading, once, the data a probe needs (torch._foreach_norm, float32; not a bnlab probe)")
+        for c in floors:
+            bound = next(bd for fn, _, bd in FLOORS if fn == c.name)
+            print(f"  {c.name:<44}{statistics.median(c.cpu if primary == 'cpu' else c.wall):>7.3f}x   bounds {bound}")
     if PRESETS:
         print("\npresets: every-step core (measured) + scheduled probes (Σ steps/call / interval, from this run)")
         for pname, preset in PRESETS.items():

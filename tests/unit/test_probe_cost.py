@@ -70,6 +70,28 @@ def test_dot64_matches_float64_with_cancellation():
         dot64(xs, ys[:-1])
 
 
+def test_small_tensor_sums_reuse_work_buffers_without_aliasing_results():
+    """The exact path reuses its float64 work buffers across calls: a result must not change when
+    the next call overwrites them, and mixed sizes (shrinking, growing) stay exact."""
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(n, generator=g) for n in (3, 1000, EXACT_MAX)]
+    ys = [torch.randn(n, generator=g) for n in (3, 1000, EXACT_MAX)]
+    first = dot64(xs, ys)
+    kept = first.clone()
+    second = dot64(xs[:1], ys[:1])          # a smaller call overwrites the buffers' start
+    third = dot64([x * 2 for x in xs] + [torch.randn(EXACT_MAX, generator=g)],
+                  [y for y in ys] + [torch.randn(EXACT_MAX, generator=g)])  # a larger one grows them
+    assert torch.equal(first, kept)
+    for x, y, v in zip(xs, ys, kept.tolist()):
+        assert v == pytest.approx(float(x.double() @ y.double()), rel=1e-13, abs=1e-13)
+    assert second.item() == pytest.approx(float(xs[0].double() @ ys[0].double()), rel=1e-13)
+    assert third[1].item() == pytest.approx(2 * float(xs[1].double() @ ys[1].double()), rel=1e-13)
+    sq = sumsq64(xs).tolist()
+    for x, v in zip(xs, sq):
+        assert v == pytest.approx(_ref_sumsq(x), rel=1e-13)
+    assert sumsq64([torch.zeros(10)]).item() == 0.0
+
+
 @pytest.mark.parametrize("case", ["tiny", "moderate", "large", "opposite", "zeros", "one_zero"])
 def test_angle_from_norms_matches_angle_between(case):
     g = torch.Generator().manual_seed(3)

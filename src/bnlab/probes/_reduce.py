@@ -5,8 +5,9 @@ tensor (on the tensors' device), computed without a float64 copy of any large te
 a host synchronization (read the result with one ``.tolist()``):
 
 * float64 tensors, tensors off the CPU (a GPU converts at memory speed) and tensors of at most
-  :data:`EXACT_MAX` elements: exact float64 arithmetic
-  (small tensors are concatenated and converted together: one conversion, then one sum per tensor);
+  :data:`EXACT_MAX` elements: exact float64 arithmetic (sums of squares: one multi-tensor float64
+  norm, squared, ~1e-16 relative; dot products: the tensors concatenated and converted together into
+  reused work buffers, then one sum per tensor);
 * larger float32 tensors (other dtypes take the exact path): the elements are cut into rows of :data:`ROW`
   consecutive elements; each row's sum of squares is taken in float32 by a vectorized reduction
   and the row sums are added in float64; dot products are BLAS dot products of
@@ -51,6 +52,13 @@ def _is_rows(t: torch.Tensor) -> bool:
     return t.numel() > EXACT_MAX and t.dtype == torch.float32 and t.device.type == "cpu"
 
 
+def _fusable(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether ``Σx², Σy², Σx·y`` can be taken in one sweep (:func:`_fused`): large float32 CPU tensors
+    of one size, contiguous, a multiple of :data:`ROW` elements."""
+    return (_is_rows(x) and _is_rows(y) and x.numel() == y.numel() and x.numel() % ROW == 0
+            and x.is_contiguous() and y.is_contiguous())
+
+
 def _reduce(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) -> torch.Tensor:
     k = len(xs)
     if k == 0:
@@ -68,6 +76,7 @@ def _reduce(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) -> to
             exact_lens.append(x.numel())
             continue
         fx = x.reshape(-1)
+        fy = None if ys is None else ys[i].detach().reshape(-1)
         if ys is None:
             n = fx.numel()
             m = n - n % ROW
@@ -77,7 +86,6 @@ def _reduce(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) -> to
                 tail = fx[m:].to(torch.float64)
                 total = total + torch.dot(tail, tail)
         else:  # BLAS dot products of DOT_CHUNK elements (no product temporary), added in float64
-            fy = ys[i].detach().reshape(-1)
             total = torch.stack([torch.dot(fx[j:j + DOT_CHUNK], fy[j:j + DOT_CHUNK])
                                  for j in range(0, fx.numel(), DOT_CHUNK)]).to(torch.float64).sum()
         parts.append(total)
@@ -85,20 +93,43 @@ def _reduce(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) -> to
     dev = xs[0].device
     if not exact_x:
         return torch.stack(parts)
-    x64 = (torch.cat(exact_x) if len(exact_x) > 1 else exact_x[0]).to(torch.float64)
-    if ys is None:
-        prod = x64 * x64
+    if ys is None:  # a multi-tensor float64 norm, squared (~1e-16 relative): no concatenated copy (2x faster)
+        small = torch.stack(torch._foreach_norm(exact_x, 2, dtype=torch.float64)).square_()
     else:
-        prod = x64 * (torch.cat(exact_y) if len(exact_y) > 1 else exact_y[0]).to(device=x64.device, dtype=torch.float64)
-    if len(exact_x) == 1:
-        small = prod.sum().reshape(1)
-    else:
-        small = torch.stack([part.sum() for part in prod.split(exact_lens)])  # 5x faster than segment_reduce on CPU
+        total_len = sum(exact_lens)
+        prod = _cat64(exact_x, _work("x", total_len, exact_x[0].device))
+        prod.mul_(_cat64(exact_y, _work("y", total_len, prod.device)))
+        if len(exact_x) == 1:
+            small = prod.sum().reshape(1)
+        else:
+            small = torch.stack([part.sum() for part in prod.split(exact_lens)])  # 5x faster than segment_reduce on CPU
     if not parts:
         return small.to(dev)
     out = torch.empty(k, dtype=torch.float64, device=dev)
     out[_index(large_ids, dev)] = torch.stack(parts)
     out[_index(exact_ids, dev)] = small.to(dev)
+    return out
+
+
+_WORK: dict = {}
+
+
+def _work(name: str, n: int, device) -> torch.Tensor:
+    """A float64 work vector of ``n`` elements, reused across calls: a fresh allocation of this size
+    per step is mapped and page-faulted anew by the C allocator (measured: 2 ms a step on
+    ResNet-18's 49 small tensors, against 0.3 ms reused)."""
+    key = (name, str(device))
+    buf = _WORK.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _WORK[key] = torch.empty(max(n, 1024), dtype=torch.float64, device=device)
+    return buf[:n]
+
+
+def _cat64(parts: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The flat tensors of ``parts`` converted to float64 into ``out`` (one copy each, no temporary)."""
+    if len(parts) == 1:
+        return out.copy_(parts[0])
+    torch.cat([p.to(device=out.device) for p in parts], out=out)
     return out
 
 
@@ -176,7 +207,7 @@ def norms_dot64(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], cache: d
         _run_plan(cache, xs + ys)  # the announced sums first, in their fused sweep
     fused: dict[int, torch.Tensor] = {}
     for i, (x, y) in enumerate(zip(xs, ys)):
-        if not (_is_rows(x) and _is_rows(y) and x.numel() == y.numel() and x.numel() % ROW == 0):
+        if not _fusable(x, y):
             continue
         entries = ((_key("sq", x, None), x, None), (_key("sq", y, None), y, None), (_key("dot", x, y), x, y))
         if cache is not None and sum(_hit(cache, *e) is None for e in entries) < 2:
@@ -278,8 +309,7 @@ def _run_plan(cache: dict, missing: list[torch.Tensor]) -> bool:
         p = plan.pop(pid)[0]
         done.add(pid)
         g = p.grad  # the objects themselves are the cache keys
-        if _is_rows(p) and _is_rows(g) and g.numel() == p.numel() and p.numel() % ROW == 0 \
-                and p.is_contiguous() and g.is_contiguous():
+        if _fusable(p, g):
             vals = _fused([p.detach().reshape(-1), g.detach().reshape(-1)], [(0, 1)])
             for key, (a, b), v in zip((_key("sq", p, None), _key("sq", g, None), _key("dot", p, g)),
                                       ((p, None), (g, None), (p, g)), vals):
