@@ -171,17 +171,27 @@ class Floor(Probe):
         self.reads = reads
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.acc: list = []
-        self.handles = []
+        self.handles: list = []
+        self.layers = []
         if "act" in reads:
             from bnlab.probes.activations import select_layers
 
-            for _, m in select_layers(model, None):
-                self.handles.append(m.register_forward_hook(self._hook))
+            self.layers = [m for _, m in select_layers(model, None)]
+
+    def before_step(self, ctx) -> None:
+        # hooks only for this probe's own steps (the model is shared with the bare steps and other cases),
+        # registered and removed every step as ActivationStats does
+        self.handles = [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, module, args, output):
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
             with torch.no_grad():
                 self.acc.append(torch.linalg.vector_norm(output.detach()))
+
+    def _unhook(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
 
     def _read(self, names: tuple) -> None:
         ts = []
@@ -198,6 +208,7 @@ class Floor(Probe):
             self.acc += torch._foreach_norm(ts)
 
     def after_backward(self, ctx) -> None:
+        self._unhook()
         self.opt = ctx.optimizer
         self._read(("w", "g"))
 
@@ -244,7 +255,8 @@ def build_cases(b: Bench, quick: bool, only=None) -> list[Case]:
     cases.append(Case(f"all cheap ({len(cheap_names)})", "cheap",
                       [make_probe(n, b.model, batch, F.cross_entropy) for n in cheap_names], slot, rounds_cheap))
     for fname, reads, _ in FLOORS:
-        cases.append(Case(fname, "floor", [Floor(reads, b.model)], slot, rounds_cheap))
+        if want(fname):
+            cases.append(Case(fname, "floor", [Floor(reads, b.model)], slot, rounds_cheap))
     cases = [c for c in cases if want(c.name)]
     for pname in PRESETS:
         if not want(f"preset {pname}: every-step core"):

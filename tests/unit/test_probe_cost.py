@@ -92,6 +92,31 @@ def test_small_tensor_sums_reuse_work_buffers_without_aliasing_results():
     assert sumsq64([torch.zeros(10)]).item() == 0.0
 
 
+def test_work_buffers_above_the_cap_or_in_inference_mode_are_temporaries(monkeypatch):
+    """Nothing larger than WORK_MAX stays allocated between calls (the exact path takes every tensor
+    on a GPU, and float64 tensors of any size on the CPU); no buffer is kept from inference mode (it
+    would refuse later writes); integer tensors still sum; the values stay exact."""
+    import threading
+
+    import bnlab.probes._reduce as R
+
+    monkeypatch.setattr(R, "WORK_MAX", 500)
+    monkeypatch.setattr(R, "_TLS", threading.local())
+    g = torch.Generator().manual_seed(9)
+    xs = [torch.randn(400, generator=g, dtype=torch.float64), torch.randn(300, generator=g, dtype=torch.float64)]
+    ys = [torch.randn(400, generator=g, dtype=torch.float64), torch.randn(300, generator=g, dtype=torch.float64)]
+    got = dot64(xs, ys).tolist()
+    assert not getattr(R._TLS, "work", None)  # 700 elements > the cap: temporaries only
+    for x, y, v in zip(xs, ys, got):
+        assert v == pytest.approx(float(x @ y), rel=1e-13)
+    with torch.inference_mode():
+        inside = dot64(xs[1:], ys[1:]).item()
+    assert not getattr(R._TLS, "work", None)
+    assert dot64(xs[1:], ys[1:]).item() == inside == pytest.approx(float(xs[1] @ ys[1]), rel=1e-13)
+    assert R._TLS.work and all(b.numel() <= 500 for b in R._TLS.work.values())  # 300 elements: kept
+    assert sumsq64([torch.arange(5)]).item() == 30.0 and dot64([torch.arange(3)], [torch.arange(3)]).item() == 5.0
+
+
 @pytest.mark.parametrize("case", ["tiny", "moderate", "large", "opposite", "zeros", "one_zero"])
 def test_angle_from_norms_matches_angle_between(case):
     g = torch.Generator().manual_seed(3)
