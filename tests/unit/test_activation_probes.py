@@ -137,6 +137,65 @@ def test_probe_reads_the_training_forward_pass_and_matches_manual_stats():
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())  # hooks removed
 
 
+class _Maps(nn.Module):
+    """Outputs of every staging layout: 1x1, 2x2 (staged N x L x C), 4x4 (staged N x C x L) maps,
+    five of one shape (past the staging buffer's first capacity, 4), and a map too large to stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Conv2d(3, 2, 1)                                                      # 2 x 400 x 400 per example
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.c4 = nn.ModuleList([nn.Conv2d(3 if i == 0 else 6, 6, 1) for i in range(5)])  # 4x4 maps, 5 of them
+        self.c2 = nn.Conv2d(6, 5, 2, stride=2)                                             # 2x2
+        self.c1 = nn.Conv2d(5, 7, 2)                                                       # 1x1
+        self.fc = nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = self.pool(self.big(x).mean(1, keepdim=True).expand(-1, 3, -1, -1) + x)
+        for c in self.c4:
+            h = torch.relu(c(h)) + 2.0
+        return self.fc(self.c1(self.c2(h)).flatten(1))
+
+
+@pytest.mark.parametrize("stage_bytes", [None, 2000])
+def test_staged_outputs_match_float64_statistics_in_every_layout(stage_bytes, monkeypatch):
+    """Small outputs are copied into per-shape staging buffers and reduced together after the forward
+    pass (two layouts by map size, a buffer that grows); the statistics equal the float64 ones
+    layer by layer, also when the staging budget runs out and the rest is reduced one by one."""
+    import bnlab.probes.activations as A
+
+    if stage_bytes is not None:
+        monkeypatch.setattr(A, "_STAGE_BYTES", stage_bytes)
+    torch.manual_seed(0)
+    net = _Maps()
+    x = torch.randn(4, 3, 400, 400)
+    layers = ["big", "c4.0", "c4.1", "c4.2", "c4.3", "c4.4", "c2", "c1", "fc"]
+    ref, _ = A._forward_stats(net, x, layers)
+    probe = ActivationStats(layers=layers)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    mon = Monitor(net, opt, [probe], log=None)
+    for _ in range(2):  # the second step reuses the staging buffers
+        with mon.step((x, torch.zeros(4, dtype=torch.long))) as s:
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), torch.zeros(4, dtype=torch.long))
+            loss.backward()
+            s.loss = loss
+            opt.step()
+    rec = probe._rec
+    staged = {k[0]: v[1] for k, v in rec._stage.items()}
+    if stage_bytes is None:
+        assert staged == {(4, 6, 16): 5, (4, 4, 5): 1, (4, 7, 1): 1, (4, 3, 1): 1}  # 2x2 maps as N x L x C
+        assert all(v[0].shape[0] >= v[1] for v in rec._stage.values())
+    else:
+        assert sum(staged.values()) < 8  # the budget ran out: some outputs were reduced one by one
+    for step, got in probe.history:
+        assert list(got) == layers
+        for name in layers:
+            torch.testing.assert_close(got[name].mean, ref[name].mean, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got[name].std, ref[name].std, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[name].absmax, ref[name].absmax, rtol=0, atol=0)
+
+
 def test_probe_records_the_step_whose_loss_is_not_finite():
     tr = _data(n=16)
     tr.x[0, 0, 0, 0] = float("inf")

@@ -162,30 +162,94 @@ def _raw_moments(h: torch.Tensor, scratch: dict) -> tuple:
 _POS_FIRST = 64
 
 
+def _raw_moments_stacked(x: torch.Tensor, scratch: dict, *, positions_last: bool = True) -> list[tuple]:
+    """:func:`_raw_moments` of ``g`` outputs of one shape at once, each reduction run once for the ``g``
+    layers instead of once per layer. ``x`` is ``(g, N, C, L)`` (the outputs viewed as ``N x C x L``)
+    or, with ``positions_last=False``, ``(g, N, L, C)``: for maps of few positions the reductions over
+    them then run along a middle axis, vectorized over the channels, instead of along a short
+    contiguous one (8x faster at 2x2). Returns ``g`` tuples of :func:`_raw_moments`."""
+    if positions_last:
+        g, n, c, npos = x.shape
+        pos, bshape = 3, (g, 1, c, 1)
+    else:
+        g, n, npos, c = x.shape
+        pos, bshape = 2, (g, 1, 1, c)
+    count = n * npos
+    s = x.select(pos, 0) if npos == 1 else x.sum(pos)  # (g, N, C)
+    k = s.sum(1) / count
+    buf = scratch.get("buf")
+    if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype or buf.device != x.device:
+        buf = scratch["buf"] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
+    cen = torch.sub(x, k.view(bshape), out=buf[:x.numel()].view(x.shape))
+    if npos == 1:
+        q = cen.select(pos, 0).abs()
+    elif positions_last:
+        q = torch.linalg.vector_norm(cen, dim=pos)
+    else:
+        q = cen.square_().sum(pos).sqrt_()
+    if positions_last and npos >= _POS_FIRST:
+        mx, mn = x.amax(3).amax(1), x.amin(3).amin(1)
+    elif positions_last:
+        mx, mn = x.amax(1).amax(2), x.amin(1).amin(2)
+    else:
+        mx, mn = x.amax((1, 2)), x.amin((1, 2))
+    return [(s[i], q[i], mx[i], mn[i], k[i], count) for i in range(g)]
+
+
+#: Staged maps of at most this many positions are laid out ``N x L x C`` (see :func:`_raw_moments_stacked`).
+_FEW_POSITIONS = 8
+
+
+#: Layer outputs of at most this many elements are staged (copied while hot into a buffer per shape) and
+#: reduced together with the other outputs of their shape once the forward pass is over: on small maps the
+#: cost is the number of tensor operations per layer, not the data (ResNet-18 at 32x32 input: 29 outputs,
+#: 0.15-0.4 ms each one by one inside a training step).
+_STAGE_MAX = 1 << 18
+#: Largest total size (bytes) of the staging buffers of one recorder; past it, outputs are reduced one by one.
+_STAGE_BYTES = 64 << 20
+
+
 def _finish_moments(raws: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(mean, std, absmax)`` (float64, on the device) per entry of ``raws`` (from :func:`_raw_moments`)."""
-    if not raws:
-        return []
-    if len({r[0].shape[0] for r in raws}) > 1:  # layers see different batch sizes: one by one
-        return [m for r in raws for m in _finish_moments([r])]
+    out = []
+    for mean, std, absmax, sizes in _finish_groups(raws):
+        i = 0
+        for c in sizes:
+            out.append((mean[i:i + c], std[i:i + c], absmax[i:i + c]))
+            i += c
+    return out
+
+
+def _finish_groups(raws: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]]:
+    """:func:`_finish_moments` without the split: for each run of consecutive entries of one batch size,
+    ``(mean, std, absmax, sizes)`` with the channels of those entries concatenated (one set of
+    operations for all of them)."""
+    groups: list[list] = []
+    for r in raws:
+        if groups and groups[-1][0][0].shape[0] == r[0].shape[0]:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return [_finish_group(g) for g in groups]
+
+
+def _finish_group(raws: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     sizes = [r[0].shape[1] for r in raws]
     dev = raws[0][0].device
-    counts = torch.repeat_interleave(torch.tensor([float(r[5]) for r in raws], dtype=torch.float64),
-                                     torch.tensor(sizes)).to(dev)
+    if len({r[5] for r in raws}) == 1:
+        counts = float(raws[0][5])
+    else:
+        counts = torch.repeat_interleave(torch.tensor([float(r[5]) for r in raws], dtype=torch.float64),
+                                         torch.tensor(sizes)).to(dev)
     # float64 sums over the examples (the N x C partial sums are small: their conversions are cheap)
     mean = torch.cat([r[0] for r in raws], 1).sum(0, dtype=torch.float64) / counts
     q2 = torch.cat([r[1] for r in raws], 1).to(torch.float64).square_().sum(0)
     shift = mean - torch.cat([r[4] for r in raws]).to(torch.float64)
-    std = (q2 / counts - shift * shift).clamp_min(0.0).sqrt()
+    std = (q2 / counts - shift * shift).clamp_min_(0.0).sqrt_()
     mx, mn = torch.cat([r[2] for r in raws]), torch.cat([r[3] for r in raws])
     std = torch.where(mx == mn, 0.0, std)  # a constant channel: exactly 0, not the rounded mean's ~1e-7·|mean|
-    absmax = torch.maximum(mx, mn.neg())
-    absmax = absmax.to(torch.float64)
-    out, i = [], 0
-    for c in sizes:
-        out.append((mean[i:i + c], std[i:i + c], absmax[i:i + c]))
-        i += c
-    return out
+    absmax = torch.maximum(mx, mn.neg()).to(torch.float64)
+    return mean, std, absmax, sizes
 
 
 def _is_container(m: nn.Module) -> bool:
@@ -237,6 +301,9 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[tuple[str,
     return chosen
 
 
+_STAGED = object()  # marks a staged output in _Recorder.stats (resolved by _Recorder.resolve)
+
+
 class _Recorder:
     """Forward hooks on the selected modules; they record only while ``active`` is true.
 
@@ -252,6 +319,56 @@ class _Recorder:
         self.active = False
         self.stats: LayerStats = {}
         self._handles: list = []
+        # fast mode: small outputs staged per (shape, dtype, device): {key: [buffer (cap, N, C, L), count]}
+        self._stage: dict = {}
+
+    def start(self) -> None:
+        """Begin recording a pass: empty ``stats``, staging buffers kept (their counts reset)."""
+        self.stats = {}
+        for entry in self._stage.values():
+            entry[1] = 0
+        self.active = True
+
+    def _staged(self, out: torch.Tensor):
+        """Copy a small output into its shape's staging buffer; ``None`` when it is not staged."""
+        h = out.detach()
+        if h.numel() > _STAGE_MAX:
+            return None
+        if h.dim() == 1:
+            h = h[:, None]
+        hv = h.reshape(h.shape[0], h.shape[1], -1)
+        few = 1 < hv.shape[2] <= _FEW_POSITIONS
+        if few:  # N x L x C: see _raw_moments_stacked
+            hv = hv.transpose(1, 2)
+        shape = tuple(hv.shape)
+        key = (shape, few, hv.dtype, hv.device)
+        entry = self._stage.get(key)
+        if entry is None:
+            used = sum(e[0].numel() * e[0].element_size() for e in self._stage.values())
+            if used + 4 * hv.numel() * hv.element_size() > _STAGE_BYTES:
+                return None
+            entry = self._stage[key] = [torch.empty((4,) + shape, dtype=hv.dtype, device=hv.device), 0]
+        buf, i = entry
+        if i == buf.shape[0]:  # grow (rare: the first pass that sees more outputs of this shape)
+            used = sum(e[0].numel() * e[0].element_size() for e in self._stage.values())
+            if used + buf.numel() * buf.element_size() > _STAGE_BYTES:
+                return None
+            grown = torch.empty((2 * i,) + shape, dtype=hv.dtype, device=hv.device)
+            grown[:i].copy_(buf)
+            buf = entry[0] = grown
+        buf[i].copy_(hv)
+        entry[1] = i + 1
+        return (_STAGED, key, i)
+
+    def resolve(self) -> LayerStats:
+        """``stats`` with every staged output replaced by its :func:`_raw_moments` tuple (one batch of
+        reductions per shape)."""
+        done: dict = {}
+        for key, (buf, n) in self._stage.items():
+            if n:
+                done[key] = _raw_moments_stacked(buf[:n], self._scratch, positions_last=not key[1])
+        return {name: (done[v[1]][v[2]] if isinstance(v, tuple) and len(v) == 3 and v[0] is _STAGED else v)
+                for name, v in self.stats.items()}
 
     def attach(self) -> "_Recorder":
         if not self._handles:
@@ -276,7 +393,11 @@ class _Recorder:
                 k += 1
                 key = f"{name}#{k}"
             with torch.no_grad():
-                self.stats[key] = _raw_moments(out, self._scratch) if self.fast else ChannelStats.of(out)
+                if self.fast:
+                    staged = self._staged(out)
+                    self.stats[key] = staged if staged is not None else _raw_moments(out, self._scratch)
+                else:
+                    self.stats[key] = ChannelStats.of(out)
             return None
 
         return hook
@@ -542,14 +663,15 @@ def _to_channel_stats(raw: dict) -> LayerStats:
     """``{layer: _raw_moments(...)}`` -> ``{layer: ChannelStats}`` (float64, CPU), one transfer."""
     if not raw:
         return {}
-    names = list(raw)
-    moments = _finish_moments(list(raw.values()))
-    sizes = [m[0].numel() for m in moments]
-    flat = torch.cat([torch.cat([m, s, a]) for m, s, a in moments]).cpu()
+    names = iter(raw)
+    groups = _finish_groups(list(raw.values()))
+    flat = torch.cat([torch.stack([m, s, a]) for m, s, a, _ in groups], 1).cpu() if len(groups) > 1 \
+        else torch.stack(groups[0][:3]).cpu()
     out, i = {}, 0
-    for k, c in zip(names, sizes):
-        out[k] = ChannelStats(flat[i:i + c], flat[i + c:i + 2 * c], flat[i + 2 * c:i + 3 * c])
-        i += 3 * c
+    for *_, sizes in groups:
+        for c in sizes:
+            out[next(names)] = ChannelStats(flat[0, i:i + c], flat[1, i:i + c], flat[2, i:i + c])
+            i += c
     return out
 
 
@@ -573,12 +695,17 @@ class ActivationStats(Probe):
     probes through :func:`torch.func.functional_call` or under ``no_grad`` are ignored).
 
     The hooks compute the channel statistics on the output's device with fast reductions
-    (:func:`_raw_moments` in the hook, :func:`_finish_moments` once per step for all layers:
-    float64 totals of float32 partial sums, a variance from the output centred at its mean; relative error
-    ~1e-7 for float32 outputs, where :func:`activation_stats` is exact in float64) and the step's
-    numbers reach the host in one transfer. On ResNet-18 (batch 32 of 32x32 images, CPU, one
-    thread; 29 layers measured) it costs 1.07x a bare step (1.10x for the previous version in the same run; 1.15x before that): five passes over each
-    measured output and a few tensor operations per layer; ``every=10`` makes it ~1%.
+    (:func:`_raw_moments`, :func:`_finish_moments` once per step for all layers: float64 totals of
+    float32 partial sums, a variance from the output centred at its mean; relative error ~1e-7 for
+    float32 outputs, where :func:`activation_stats` is exact in float64) and the step's numbers
+    reach the host in one transfer. An output of at most ``_STAGE_MAX`` (262,144) elements is only
+    copied in its hook, while it is in the cache, into a buffer per shape (64 MiB at most, kept
+    between steps); at the end of the forward pass each shape's outputs are reduced together
+    (:func:`_raw_moments_stacked`), since on small maps the cost is the number of tensor operations
+    per layer, not the data. On ResNet-18 (batch 32 of 32x32 images, CPU, one thread; 29 layers
+    measured, maps 8x8 to 1x1) it costs 1.06-1.07x a bare step (1.15x two versions ago), against
+    1.01-1.02x for merely reading the outputs once (``benchmarks/probe_overhead.py``'s floor);
+    ``every=10`` makes it ~1%.
 
     Records ``"<layer>/abs_mean"``, ``"<layer>/std"``, ``"<layer>/absmax"`` per layer (see the
     module docstring) and, with ``per_channel``, ``"<layer>/<c>/mean|std|absmax"`` per channel.
@@ -626,14 +753,15 @@ class ActivationStats(Probe):
             mod, pname, p = self._own
             if mod._parameters.get(pname) is not p:  # inside functional_call: not the model's own weights
                 return None
-        self._rec.stats = {}
-        self._rec.active = True
+        self._rec.start()
         return None
 
     def _root_post(self, module, args, output):
         if self._rec is not None and self._rec.active:
             self._rec.active = False
             self._done = True
+            with torch.no_grad():
+                self._rec.stats = self._rec.resolve()  # while the staged outputs are still in the cache
         return None
 
     def before_step(self, ctx: StepContext) -> None:
