@@ -196,6 +196,90 @@ def test_staged_outputs_match_float64_statistics_in_every_layout(stage_bytes, mo
             torch.testing.assert_close(got[name].absmax, ref[name].absmax, rtol=0, atol=0)
 
 
+def _monitored(net, x, probe, steps=1, opt=None):
+    opt = opt or torch.optim.SGD(net.parameters(), lr=0.0)
+    mon = Monitor(net, opt, [probe], log=None)
+    y = torch.zeros(x.shape[0], dtype=torch.long)
+    for _ in range(steps):
+        with mon.step((x, y)) as s:
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x).float(), y)
+            loss.backward()
+            s.loss = loss
+            opt.step()
+
+
+def test_staged_half_precision_outputs_neither_overflow_nor_underflow():
+    """A float16 output on a 2x2 map (staged N x L x C) is staged in float32: squares of deviations
+    ~400 would overflow float16 (65504), squares of ~1e-4 would underflow it."""
+    import bnlab.probes.activations as A
+
+    for scale in (400.0, 1e-4):
+        torch.manual_seed(1)
+        net = nn.Sequential(nn.Conv2d(3, 8, 2, stride=2), nn.Flatten(), nn.Linear(32, 3)).half()
+        x = (torch.randn(16, 3, 4, 4) * scale).half()
+        with torch.no_grad():
+            net[0].weight.copy_(torch.eye(3).repeat(3, 1)[:8, :, None, None].expand(8, 3, 2, 2) / 4)
+            net[0].bias.zero_()
+        ref, _ = A._forward_stats(net, x, ["0"])
+        probe = ActivationStats(layers=["0"])
+        _monitored(net, x, probe)
+        got = probe.history[0][1]["0"]
+        assert torch.isfinite(got.std).all()
+        torch.testing.assert_close(got.std, ref["0"].std, rtol=2e-3, atol=0)
+        torch.testing.assert_close(got.mean, ref["0"].mean, rtol=2e-3, atol=1e-9)
+
+
+def test_staging_buffers_follow_the_shapes_of_the_last_pass():
+    """Buffers of a shape the last pass did not use are freed (a sequence length or batch size that
+    changes would otherwise pile them up)."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.LazyLinear(2))
+    probe = ActivationStats(layers=["0"])
+    for n in (8, 5, 5, 8):
+        x = torch.randn(n, 3, 4, 4)
+        net(x)  # materialize the lazy layer
+        _monitored(net, x, probe)
+        assert [k[0] for k in probe._rec._stage] == [(n, 4, 16)]
+        ref, _ = __import__("bnlab.probes.activations", fromlist=["_forward_stats"])._forward_stats(net, x, ["0"])
+        torch.testing.assert_close(probe.history[-1][1]["0"].std, ref["0"].std, rtol=1e-5, atol=1e-7)
+
+
+def test_a_forward_that_raised_does_not_spoil_the_next_step_or_an_inference_pass():
+    class Flaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+            self.b = nn.Linear(3, 2)
+            self.fail = False
+
+        def forward(self, x):
+            h = self.a(x)
+            if self.fail:
+                raise RuntimeError("boom")
+            return self.b(h)
+
+    torch.manual_seed(3)
+    net = Flaky()
+    x = torch.randn(6, 4)
+    probe = ActivationStats(layers=["a", "b"])
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)
+    mon = Monitor(net, opt, [probe], log=None)
+    net.fail = True
+    with pytest.raises(RuntimeError, match="boom"):
+        with mon.step((x, torch.zeros(6, dtype=torch.long))):
+            net(x)
+    net.fail = False
+    with torch.inference_mode():
+        net(torch.randn(6, 4))  # an evaluation between the steps: the hooks must not record or allocate
+    _monitored(net, x, probe, opt=opt)
+    step, got = probe.history[-1]
+    assert list(got) == ["a", "b"]
+    ref, _ = __import__("bnlab.probes.activations", fromlist=["_forward_stats"])._forward_stats(net, x, ["a", "b"])
+    for k in ("a", "b"):
+        torch.testing.assert_close(got[k].mean, ref[k].mean, rtol=1e-6, atol=1e-7)
+
+
 def test_probe_records_the_step_whose_loss_is_not_finite():
     tr = _data(n=16)
     tr.x[0, 0, 0, 0] = float("inf")

@@ -175,7 +175,7 @@ def _raw_moments_stacked(x: torch.Tensor, scratch: dict, *, positions_last: bool
         g, n, npos, c = x.shape
         pos, bshape = 2, (g, 1, 1, c)
     count = n * npos
-    s = x.select(pos, 0) if npos == 1 else x.sum(pos)  # (g, N, C)
+    s = x.select(pos, 0).clone() if npos == 1 else x.sum(pos)  # (g, N, C), never a view of the staging buffer
     k = s.sum(1) / count
     buf = scratch.get("buf")
     if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype or buf.device != x.device:
@@ -205,7 +205,8 @@ _FEW_POSITIONS = 8
 #: cost is the number of tensor operations per layer, not the data (ResNet-18 at 32x32 input: 29 outputs,
 #: 0.15-0.4 ms each one by one inside a training step).
 _STAGE_MAX = 1 << 18
-#: Largest total size (bytes) of the staging buffers of one recorder; past it, outputs are reduced one by one.
+#: Largest total size (bytes) of the staging buffers of one recorder; past it, outputs are reduced one by
+#: one. The reductions also use a scratch buffer as large as the largest group of one shape.
 _STAGE_BYTES = 64 << 20
 
 
@@ -319,11 +320,12 @@ class _Recorder:
         self.active = False
         self.stats: LayerStats = {}
         self._handles: list = []
-        # fast mode: small outputs staged per (shape, dtype, device): {key: [buffer (cap, N, C, L), count]}
+        # fast mode: small outputs staged per (shape, layout, dtype, device):
+        # {key: [buffer (cap, N, C, L) or (cap, N, L, C), count]}
         self._stage: dict = {}
 
     def start(self) -> None:
-        """Begin recording a pass: empty ``stats``, staging buffers kept (their counts reset)."""
+        """Begin recording a pass: empty ``stats``, the staging buffers kept (their counts reset)."""
         self.stats = {}
         for entry in self._stage.values():
             entry[1] = 0
@@ -332,7 +334,7 @@ class _Recorder:
     def _staged(self, out: torch.Tensor):
         """Copy a small output into its shape's staging buffer; ``None`` when it is not staged."""
         h = out.detach()
-        if h.numel() > _STAGE_MAX:
+        if h.numel() > _STAGE_MAX or not h.is_floating_point():
             return None
         if h.dim() == 1:
             h = h[:, None]
@@ -341,19 +343,22 @@ class _Recorder:
         if few:  # N x L x C: see _raw_moments_stacked
             hv = hv.transpose(1, 2)
         shape = tuple(hv.shape)
-        key = (shape, few, hv.dtype, hv.device)
+        # float16/bfloat16 outputs are staged in float32 (an exact upcast, free with the copy): their
+        # squares would overflow or underflow in the reductions
+        dtype = torch.promote_types(hv.dtype, torch.float32)
+        key = (shape, few, dtype, hv.device)
         entry = self._stage.get(key)
         if entry is None:
             used = sum(e[0].numel() * e[0].element_size() for e in self._stage.values())
-            if used + 4 * hv.numel() * hv.element_size() > _STAGE_BYTES:
+            if used + 4 * hv.numel() * dtype.itemsize > _STAGE_BYTES:
                 return None
-            entry = self._stage[key] = [torch.empty((4,) + shape, dtype=hv.dtype, device=hv.device), 0]
+            entry = self._stage[key] = [torch.empty((4,) + shape, dtype=dtype, device=hv.device), 0]
         buf, i = entry
         if i == buf.shape[0]:  # grow (rare: the first pass that sees more outputs of this shape)
             used = sum(e[0].numel() * e[0].element_size() for e in self._stage.values())
             if used + buf.numel() * buf.element_size() > _STAGE_BYTES:
                 return None
-            grown = torch.empty((2 * i,) + shape, dtype=hv.dtype, device=hv.device)
+            grown = torch.empty((2 * i,) + shape, dtype=dtype, device=hv.device)
             grown[:i].copy_(buf)
             buf = entry[0] = grown
         buf[i].copy_(hv)
@@ -367,6 +372,8 @@ class _Recorder:
         for key, (buf, n) in self._stage.items():
             if n:
                 done[key] = _raw_moments_stacked(buf[:n], self._scratch, positions_last=not key[1])
+        # buffers of shapes this pass did not use are freed (shapes change, e.g. with the sequence length)
+        self._stage = {k: e for k, e in self._stage.items() if e[1]}
         return {name: (done[v[1]][v[2]] if isinstance(v, tuple) and len(v) == 3 and v[0] is _STAGED else v)
                 for name, v in self.stats.items()}
 
@@ -383,7 +390,7 @@ class _Recorder:
 
     def _hook(self, name: str):
         def hook(module, args, output):
-            if not self.active:
+            if not self.active or torch.is_inference_mode_enabled():  # an inference pass is never the one recorded
                 return None
             out = output[0] if isinstance(output, (tuple, list)) and output else output
             if not isinstance(out, torch.Tensor) or out.dim() == 0:
@@ -699,8 +706,9 @@ class ActivationStats(Probe):
     float32 partial sums, a variance from the output centred at its mean; relative error ~1e-7 for
     float32 outputs, where :func:`activation_stats` is exact in float64) and the step's numbers
     reach the host in one transfer. An output of at most ``_STAGE_MAX`` (262,144) elements is only
-    copied in its hook, while it is in the cache, into a buffer per shape (64 MiB at most, kept
-    between steps); at the end of the forward pass each shape's outputs are reduced together
+    copied in its hook, while it is in the cache, into a buffer per shape (64 MiB at most, float32
+    for float16/bfloat16 outputs, kept between steps while the shape recurs, plus a scratch buffer as
+    large as the largest group); at the end of the forward pass each shape's outputs are reduced together
     (:func:`_raw_moments_stacked`), since on small maps the cost is the number of tensor operations
     per layer, not the data. On ResNet-18 (batch 32 of 32x32 images, CPU, one thread; 29 layers
     measured, maps 8x8 to 1x1) it costs 1.06-1.07x a bare step (1.15x two versions ago), against
@@ -757,7 +765,9 @@ class ActivationStats(Probe):
         return None
 
     def _root_post(self, module, args, output):
-        if self._rec is not None and self._rec.active:
+        # the pass _root_pre started runs with gradients (a pass that raised leaves ``active`` set until
+        # the next before_step: an evaluation under no_grad/inference_mode meanwhile is not it)
+        if self._rec is not None and self._rec.active and torch.is_grad_enabled():
             self._rec.active = False
             self._done = True
             with torch.no_grad():
@@ -778,6 +788,7 @@ class ActivationStats(Probe):
                 if self._own is not None:
                     break
         self._rec.attach()
+        self._rec.active = False  # a pass that raised last step left it recording
         if not self._root_handles:
             self._root_handles = [model.register_forward_pre_hook(self._root_pre), model.register_forward_hook(self._root_post)]
         batch = ctx.batch
