@@ -77,7 +77,6 @@ def _reduce(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) -> to
             exact_lens.append(x.numel())
             continue
         fx = x.reshape(-1)
-        fy = None if ys is None else ys[i].detach().reshape(-1)
         if ys is None:
             n = fx.numel()
             m = n - n % ROW
@@ -87,6 +86,7 @@ def _reduce(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) -> to
                 tail = fx[m:].to(torch.float64)
                 total = total + torch.dot(tail, tail)
         else:  # BLAS dot products of DOT_CHUNK elements (no product temporary), added in float64
+            fy = ys[i].detach().reshape(-1)
             total = torch.stack([torch.dot(fx[j:j + DOT_CHUNK], fy[j:j + DOT_CHUNK])
                                  for j in range(0, fx.numel(), DOT_CHUNK)]).to(torch.float64).sum()
         parts.append(total)
@@ -99,9 +99,8 @@ def _reduce(xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor] | None) -> to
                                                 2, dtype=torch.float64)).square_()
     else:
         total_len = sum(exact_lens)
-        dev0 = exact_x[0].device
-        prod = _cat64(exact_x, _work("x", total_len, dev0))
-        prod.mul_(_cat64(exact_y, _work("y", total_len, dev0)))
+        prod = _cat64(exact_x, _work("x", total_len, dev))
+        prod.mul_(_cat64(exact_y, _work("y", total_len, dev)))
         if len(exact_x) == 1:
             small = prod.sum().reshape(1)
         else:

@@ -142,20 +142,15 @@ def _raw_moments(h: torch.Tensor, scratch: dict) -> tuple:
     the positions first where there are at least :data:`_POS_FIRST` of them and over the examples
     first otherwise (a reduction over a short contiguous axis is slow: 7x on ResNet-18's 4x4 maps).
     """
+    return _raw_moments_stacked(_as_ncl(h)[None], scratch)[0]
+
+
+def _as_ncl(h: torch.Tensor) -> torch.Tensor:
+    """A layer output ``(N, C, *positions)``, ``(N, C)`` or ``(N,)`` viewed as ``N x C x L`` (detached)."""
     h = h.detach()
     if h.dim() == 1:
         h = h[:, None]
-    n, c = h.shape[0], h.shape[1]
-    hv = h.reshape(n, c, -1)
-    count = n * hv.shape[2]
-    s = hv.sum(2)
-    k = s.sum(0) / count
-    buf = scratch.get("buf")
-    if buf is None or buf.numel() < hv.numel() or buf.dtype != hv.dtype or buf.device != hv.device:
-        buf = scratch["buf"] = torch.empty(hv.numel(), dtype=hv.dtype, device=hv.device)
-    cen = torch.sub(hv, k.view(1, c, 1), out=buf[:hv.numel()].view(hv.shape))
-    first, then = (2, 0) if hv.shape[2] >= _POS_FIRST else (0, 1)
-    return s, torch.linalg.vector_norm(cen, dim=2), hv.amax(first).amax(then), hv.amin(first).amin(then), k, count
+    return h.reshape(h.shape[0], h.shape[1], -1)
 
 
 #: :func:`_raw_moments` takes the max and min over the positions first when a map has at least this many.
@@ -333,12 +328,9 @@ class _Recorder:
 
     def _staged(self, out: torch.Tensor):
         """Copy a small output into its shape's staging buffer; ``None`` when it is not staged."""
-        h = out.detach()
-        if h.numel() > _STAGE_MAX or not h.is_floating_point():
+        if out.numel() > _STAGE_MAX or not out.is_floating_point():
             return None
-        if h.dim() == 1:
-            h = h[:, None]
-        hv = h.reshape(h.shape[0], h.shape[1], -1)
+        hv = _as_ncl(out)
         few = 1 < hv.shape[2] <= _FEW_POSITIONS
         if few:  # N x L x C: see _raw_moments_stacked
             hv = hv.transpose(1, 2)
@@ -349,14 +341,12 @@ class _Recorder:
         key = (shape, few, dtype, hv.device)
         entry = self._stage.get(key)
         if entry is None:
-            used = sum(e[0].numel() * e[0].element_size() for e in self._stage.values())
-            if used + 4 * hv.numel() * dtype.itemsize > _STAGE_BYTES:
+            if self._stage_bytes() + 4 * hv.numel() * dtype.itemsize > _STAGE_BYTES:
                 return None
             entry = self._stage[key] = [torch.empty((4,) + shape, dtype=dtype, device=hv.device), 0]
         buf, i = entry
         if i == buf.shape[0]:  # grow (rare: the first pass that sees more outputs of this shape)
-            used = sum(e[0].numel() * e[0].element_size() for e in self._stage.values())
-            if used + buf.numel() * buf.element_size() > _STAGE_BYTES:
+            if self._stage_bytes() + buf.numel() * buf.element_size() > _STAGE_BYTES:
                 return None
             grown = torch.empty((2 * i,) + shape, dtype=dtype, device=hv.device)
             grown[:i].copy_(buf)
@@ -364,6 +354,9 @@ class _Recorder:
         buf[i].copy_(hv)
         entry[1] = i + 1
         return (_STAGED, key, i)
+
+    def _stage_bytes(self) -> int:
+        return sum(e[0].numel() * e[0].element_size() for e in self._stage.values())
 
     def resolve(self) -> LayerStats:
         """``stats`` with every staged output replaced by its :func:`_raw_moments` tuple (one batch of
@@ -374,8 +367,7 @@ class _Recorder:
                 done[key] = _raw_moments_stacked(buf[:n], self._scratch, positions_last=not key[1])
         # buffers of shapes this pass did not use are freed (shapes change, e.g. with the sequence length)
         self._stage = {k: e for k, e in self._stage.items() if e[1]}
-        return {name: (done[v[1]][v[2]] if isinstance(v, tuple) and len(v) == 3 and v[0] is _STAGED else v)
-                for name, v in self.stats.items()}
+        return {name: (done[v[1]][v[2]] if v[0] is _STAGED else v) for name, v in self.stats.items()}
 
     def attach(self) -> "_Recorder":
         if not self._handles:
@@ -672,8 +664,7 @@ def _to_channel_stats(raw: dict) -> LayerStats:
         return {}
     names = iter(raw)
     groups = _finish_groups(list(raw.values()))
-    flat = torch.cat([torch.stack([m, s, a]) for m, s, a, _ in groups], 1).cpu() if len(groups) > 1 \
-        else torch.stack(groups[0][:3]).cpu()
+    flat = torch.cat([torch.stack([m, s, a]) for m, s, a, _ in groups], 1).cpu()
     out, i = {}, 0
     for *_, sizes in groups:
         for c in sizes:
