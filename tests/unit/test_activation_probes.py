@@ -182,10 +182,10 @@ def test_staged_outputs_match_float64_statistics_in_every_layout(stage_bytes, mo
             s.loss = loss
             opt.step()
     rec = probe._rec
-    staged = {k[0]: v[1] for k, v in rec._stage.items()}
+    staged = {k[0]: n for k, n in rec.staged.items()}
     if stage_bytes is None:
         assert staged == {(4, 6, 16): 5, (4, 4, 5): 1, (4, 7, 1): 1, (4, 3, 1): 1}  # 2x2 maps as N x L x C
-        assert all(v[0].shape[0] >= v[1] for v in rec._stage.values())
+        assert {k[0]: v[0].shape[1] for k, v in rec._stage.items()}[(4, 6, 16)] == 8  # (N, capacity, ...): grown from 4
     else:
         assert sum(staged.values()) < 8  # the budget ran out: some outputs were reduced one by one
     for step, got in probe.history:
@@ -491,3 +491,63 @@ def test_representation_cosine_is_the_mean_over_pairs():
         cs = [float(F.cosine_similarity(h[i], h[j], dim=0)) for i in range(5) for j in range(5) if i != j]
         assert val == pytest.approx(sum(cs) / len(cs), rel=1e-10)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+class _Alternating(nn.Module):
+    """Outputs whose shapes alternate (4x4, 2x2, 4x4, 1x1, 4x4, ...): every change of shape reduces the
+    outputs waiting in the staging buffers, and a shape that recurs fills its buffer again."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.ModuleList([nn.Conv2d(3, 3, 1) for _ in range(4)])   # 4x4 maps, 3 channels
+        self.b = nn.ModuleList([nn.Conv2d(3, 5, 2, stride=2) for _ in range(2)])  # 2x2 maps
+        self.c = nn.Conv2d(3, 4, 4)  # 1x1
+        self.fc = nn.Linear(3 * 16, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a[0](x)) + 1.0
+        self.b[0](h)
+        h = self.a[1](h)
+        h = self.a[2](h)
+        self.c(h)
+        self.b[1](h)
+        h = self.a[3](h)
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("flush_bytes, stage_bytes", [(None, None), (1, None), (500, None), (None, 1000)])
+def test_outputs_reduced_as_they_are_staged_match_float64_statistics(flush_bytes, stage_bytes, monkeypatch):
+    """Staged outputs are reduced when the pass moves to another shape, when they reach _FLUSH_BYTES, or
+    when a buffer has no room to grow: whatever the split, each layer's statistics equal the float64
+    ones, in forward order, and a second step (buffers reused) gives the same."""
+    import bnlab.probes.activations as A
+
+    if flush_bytes is not None:
+        monkeypatch.setattr(A, "_FLUSH_BYTES", flush_bytes)
+    if stage_bytes is not None:
+        monkeypatch.setattr(A, "_STAGE_BYTES", stage_bytes)
+    torch.manual_seed(3)
+    net = _Alternating()
+    x = torch.randn(6, 3, 4, 4) * 3 + 0.5
+    layers = ["a.0", "b.0", "a.1", "a.2", "c", "b.1", "a.3", "fc"]
+    ref, _ = A._forward_stats(net, x, layers)
+    probe = ActivationStats(layers=layers)
+    _monitored(net, x, probe, steps=2)
+    rec = probe._rec
+    if stage_bytes is None:
+        assert sum(rec.staged.values()) == 8
+    if flush_bytes is None and stage_bytes is None:
+        assert {k[0]: n for k, n in rec.staged.items()} == {(6, 3, 16): 4, (6, 4, 5): 2, (6, 4, 1): 1, (6, 2, 1): 1}
+    for _, got in probe.history:
+        assert list(got) == layers
+        for name in layers:
+            torch.testing.assert_close(got[name].mean, ref[name].mean, rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(got[name].std, ref[name].std, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got[name].absmax, ref[name].absmax, rtol=0, atol=0)
+    # how the last pass was split: with no limit, a run of one shape is reduced together (a.1 with a.2)
+    # and each change of shape ends a run: 7 reductions for 8 outputs; flushed at every output: 8
+    where = rec._where
+    if flush_bytes is None and stage_bytes is None:
+        assert len(rec._entries) == 7 and where["a.1"][0] == where["a.2"][0] and where["a.2"][1:] == (3, 3)
+    elif flush_bytes == 1:
+        assert len(rec._entries) == 8 and len({w[0] for w in where.values()}) == 8

@@ -133,16 +133,17 @@ def _fast_moments(h: torch.Tensor, scratch: Optional[dict] = None) -> tuple[torc
 def _raw_moments(h: torch.Tensor, scratch: dict) -> tuple:
     """The passes over ``h`` that :class:`ActivationStats` needs, the arithmetic left for later.
 
-    Returns ``(s, q, mx, mn, k, count)``: per example and channel (``N x C``, ``h``'s dtype) the sum
-    ``s`` and the norm ``q`` of ``h - k`` (``k`` per channel: the float32 mean, any shift gives the exact
-    identity ``Var = E[(h - k)²] - (E[h] - k)²``; the mean makes it well conditioned); per channel
-    (``C``) the max ``mx`` and the min ``mn``; ``count`` values per channel. :func:`_finish_moments`
-    turns a step's worth of these into ``(mean, std, absmax)`` with a few operations for all layers
-    together. Five passes over ``h`` (sum, centring, norm, max, min); the max and min reduce over
-    the positions first where there are at least :data:`_POS_FIRST` of them and over the examples
-    first otherwise (a reduction over a short contiguous axis is slow: 7x on ResNet-18's 4x4 maps).
+    Returns ``(mean, ex2, mx, mn, k)``, per channel (``C``): the mean (float64: per example and channel
+    the sum over the positions in ``h``'s dtype, these partial sums added in float64), ``ex2 = E[(h -
+    k)²]`` (float64, summed the same way) with ``k`` the mean rounded to ``h``'s dtype (any shift gives
+    the exact identity ``Var = E[(h - k)²] - (E[h] - k)²``; the mean makes it well conditioned), the
+    max ``mx`` and the min ``mn``. :func:`_finish_moments` turns a step's worth of these into ``(mean,
+    std, absmax)`` with a few operations for all layers together. Five passes over ``h`` (sum,
+    centring, norm, max, min); the max and min reduce over the positions first where there are at
+    least :data:`_POS_FIRST` of them and over the examples first otherwise (a reduction over a short
+    contiguous axis is slow: 7x on ResNet-18's 4x4 maps).
     """
-    return _raw_moments_stacked(_as_ncl(h)[None], scratch)[0]
+    return _raw_moments_stacked(_as_ncl(h)[:, None], scratch)
 
 
 def _as_ncl(h: torch.Tensor) -> torch.Tensor:
@@ -157,38 +158,47 @@ def _as_ncl(h: torch.Tensor) -> torch.Tensor:
 _POS_FIRST = 64
 
 
-def _raw_moments_stacked(x: torch.Tensor, scratch: dict, *, positions_last: bool = True) -> list[tuple]:
+def _raw_moments_stacked(x: torch.Tensor, scratch: dict, *, positions_last: bool = True) -> tuple:
     """:func:`_raw_moments` of ``g`` outputs of one shape at once, each reduction run once for the ``g``
-    layers instead of once per layer. ``x`` is ``(g, N, C, L)`` (the outputs viewed as ``N x C x L``)
-    or, with ``positions_last=False``, ``(g, N, L, C)``: for maps of few positions the reductions over
-    them then run along a middle axis, vectorized over the channels, instead of along a short
-    contiguous one (8x faster at 2x2). Returns ``g`` tuples of :func:`_raw_moments`."""
+    layers instead of once per layer, and the result already in the form of ``g`` layers' results
+    concatenated along the channels (``K = g·C`` of them, layer by layer), as :func:`_finish_all`
+    takes it: no per-layer split and re-concatenation.
+
+    ``x`` is ``(N, g, C, L)`` (the outputs viewed as ``N x C x L``, stacked along the second axis, as
+    the staging buffers hold them) or, with ``positions_last=False``, ``(N, g, L, C)``: for maps of few
+    positions the reductions over them then run along a middle axis, vectorized over the channels,
+    instead of along a short contiguous one (8x faster at 2x2). ``x`` may be a strided view (the first
+    ``g`` slots of a buffer). Returns ``(mean, ex2, mx, mn, k)`` of :func:`_raw_moments`, each of shape ``(K,)``."""
     if positions_last:
-        g, n, c, npos = x.shape
-        pos, bshape = 3, (g, 1, c, 1)
+        n, g, c, npos = x.shape
+        pos, bshape = 3, (1, g, c, 1)
     else:
-        g, n, npos, c = x.shape
-        pos, bshape = 2, (g, 1, 1, c)
+        n, g, npos, c = x.shape
+        pos, bshape = 2, (1, g, 1, c)
     count = n * npos
-    s = x.select(pos, 0).clone() if npos == 1 else x.sum(pos)  # (g, N, C), never a view of the staging buffer
-    k = s.sum(1) / count
+    s = x.select(pos, 0) if npos == 1 else x.sum(pos)  # (N, g, C)
+    mean = s.sum(0, dtype=torch.float64).div_(count)  # (g, C), never a view of the staging buffer
+    k = mean.to(x.dtype)
     buf = scratch.get("buf")
     if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype or buf.device != x.device:
         buf = scratch["buf"] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
     cen = torch.sub(x, k.view(bshape), out=buf[:x.numel()].view(x.shape))
     if npos == 1:
-        q = cen.select(pos, 0).abs()
+        q = cen.select(pos, 0)
     elif positions_last:
         q = torch.linalg.vector_norm(cen, dim=pos)
     else:
         q = cen.square_().sum(pos).sqrt_()
+    # E[(h - k)²]: the per-example norms' squares added in float64 (vector_norm(dim=0, dtype=float64) is 10x slower)
+    ex2 = q.to(torch.float64).square_().sum(0).div_(count)
     if positions_last and npos >= _POS_FIRST:
-        mx, mn = x.amax(3).amax(1), x.amin(3).amin(1)
+        mx, mn = x.amax(3).amax(0), x.amin(3).amin(0)
     elif positions_last:
-        mx, mn = x.amax(1).amax(2), x.amin(1).amin(2)
+        mx, mn = x.amax(0).amax(2), x.amin(0).amin(2)
     else:
-        mx, mn = x.amax((1, 2)), x.amin((1, 2))
-    return [(s[i], q[i], mx[i], mn[i], k[i], count) for i in range(g)]
+        mx, mn = x.amax(0).amax(1), x.amin(0).amin(1)  # not amax((0, 2)): 30x slower over two apart axes
+    kk = g * c
+    return (mean.reshape(kk), ex2.reshape(kk), mx.reshape(kk), mn.reshape(kk), k.reshape(kk))
 
 
 #: Staged maps of at most this many positions are laid out ``N x L x C`` (see :func:`_raw_moments_stacked`).
@@ -203,46 +213,23 @@ _STAGE_MAX = 1 << 18
 #: Largest total size (bytes) of the staging buffers of one recorder; past it, outputs are reduced one by
 #: one. The reductions also use a scratch buffer as large as the largest group of one shape.
 _STAGE_BYTES = 64 << 20
+#: Outputs of one shape waiting in a staging buffer are reduced once they reach this size (while in the cache).
+_FLUSH_BYTES = 4 << 20
 
 
 def _finish_moments(raws: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """``(mean, std, absmax)`` (float64, on the device) per entry of ``raws`` (from :func:`_raw_moments`)."""
-    out = []
-    for mean, std, absmax, sizes in _finish_groups(raws):
-        i = 0
-        for c in sizes:
-            out.append((mean[i:i + c], std[i:i + c], absmax[i:i + c]))
-            i += c
-    return out
+    mean, std, absmax, sizes = _finish_all(raws)
+    return list(zip(mean.split(sizes), std.split(sizes), absmax.split(sizes)))
 
 
-def _finish_groups(raws: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]]:
-    """:func:`_finish_moments` without the split: for each run of consecutive entries of one batch size,
-    ``(mean, std, absmax, sizes)`` with the channels of those entries concatenated (one set of
-    operations for all of them)."""
-    groups: list[list] = []
-    for r in raws:
-        if groups and groups[-1][0][0].shape[0] == r[0].shape[0]:
-            groups[-1].append(r)
-        else:
-            groups.append([r])
-    return [_finish_group(g) for g in groups]
-
-
-def _finish_group(raws: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    sizes = [r[0].shape[1] for r in raws]
-    dev = raws[0][0].device
-    if len({r[5] for r in raws}) == 1:
-        counts = float(raws[0][5])
-    else:
-        counts = torch.repeat_interleave(torch.tensor([float(r[5]) for r in raws], dtype=torch.float64),
-                                         torch.tensor(sizes)).to(dev)
-    # float64 sums over the examples (the N x C partial sums are small: their conversions are cheap)
-    mean = torch.cat([r[0] for r in raws], 1).sum(0, dtype=torch.float64) / counts
-    q2 = torch.cat([r[1] for r in raws], 1).to(torch.float64).square_().sum(0)
-    shift = mean - torch.cat([r[4] for r in raws]).to(torch.float64)
-    std = (q2 / counts - shift * shift).clamp_min_(0.0).sqrt_()
-    mx, mn = torch.cat([r[2] for r in raws]), torch.cat([r[3] for r in raws])
+def _finish_all(raws: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """:func:`_finish_moments` without the split: ``(mean, std, absmax, sizes)`` with the channels of all
+    entries concatenated (one set of operations for all of them; ``sizes``: channels per entry)."""
+    sizes = [r[0].shape[0] for r in raws]
+    mean, ex2, mx, mn, k = (torch.cat([r[i] for r in raws]) for i in range(5))
+    shift = mean - k.to(torch.float64)
+    std = (ex2 - shift * shift).clamp_min_(0.0).sqrt_()
     std = torch.where(mx == mn, 0.0, std)  # a constant channel: exactly 0, not the rounded mean's ~1e-7·|mean|
     absmax = torch.maximum(mx, mn.neg()).to(torch.float64)
     return mean, std, absmax, sizes
@@ -297,9 +284,6 @@ def select_layers(model: nn.Module, layers: LayerSpec = None) -> list[tuple[str,
     return chosen
 
 
-_STAGED = object()  # marks a staged output in _Recorder.stats (resolved by _Recorder.resolve)
-
-
 class _Recorder:
     """Forward hooks on the selected modules; they record only while ``active`` is true.
 
@@ -310,64 +294,122 @@ class _Recorder:
     def __init__(self, model: nn.Module, layers: LayerSpec, *, fast: bool = False):
         self.model = model
         self.layers = select_layers(model, layers)
-        self.fast = fast  # store _raw_moments tuples (device tensors) instead of ChannelStats
+        self.fast = fast  # reduce to a _Pass (device tensors) instead of ChannelStats per layer
         self._scratch: dict = {}
         self.active = False
         self.stats: LayerStats = {}
         self._handles: list = []
         # fast mode: small outputs staged per (shape, layout, dtype, device):
-        # {key: [buffer (cap, N, C, L) or (cap, N, L, C), count]}
+        # {key: [buffer (N, cap, C, L) or (N, cap, L, C), outputs waiting in it]}; {(shape, dtype, device): plan}
         self._stage: dict = {}
+        self._plans: dict = {}
+        self._start_pass()
 
-    def start(self) -> None:
-        """Begin recording a pass: empty ``stats``, the staging buffers kept (their counts reset)."""
-        self.stats = {}
+    def _start_pass(self) -> None:
+        self._entries: list = []  # tuples of _raw_moments_stacked, in the order they were reduced
+        self._where: dict = {}  # layer -> (entry, first channel, channels)
+        self._waiting: dict = {}  # stage key -> layer names staged in its buffer, not reduced yet
+        self._last = None  # the stage key of the last staged output
+        self.staged: dict = {}  # stage key -> outputs of this pass staged under it
         for entry in self._stage.values():
             entry[1] = 0
+
+    def start(self) -> None:
+        """Begin recording a pass: empty ``stats``, the staging buffers kept (emptied)."""
+        self.stats = {}
+        self._start_pass()
         self.active = True
 
-    def _staged(self, out: torch.Tensor):
-        """Copy a small output into its shape's staging buffer; ``None`` when it is not staged."""
-        if out.numel() > _STAGE_MAX or not out.is_floating_point():
-            return None
-        hv = _as_ncl(out)
-        few = 1 < hv.shape[2] <= _FEW_POSITIONS
+    def _record_fast(self, name: str, out: torch.Tensor) -> None:
+        if not self._staged(name, out):  # reduced now, on its own
+            raw = _raw_moments(out, self._scratch)
+            self._where[name] = (len(self._entries), 0, raw[0].shape[0])
+            self._entries.append(raw)
+        self.stats[name] = None  # the order of the layers
+
+    def _staged(self, name: str, out: torch.Tensor) -> bool:
+        """Copy a small output into its shape's staging buffer; ``False`` when it is not staged.
+
+        The outputs waiting in a buffer are reduced together (:meth:`_flush`) as soon as the pass
+        stages an output of another shape, or their size reaches :data:`_FLUSH_BYTES`: they are then
+        still in the cache, where at the end of the pass they would be read back from memory (on
+        ResNet-18 that halved the reductions' cost inside a training step)."""
+        sig = (out.shape, out.dtype, out.device)
+        plan = self._plans.get(sig)
+        if plan is None and sig not in self._plans:  # once per kind of output: its key and layout, or None
+            if len(self._plans) > 1024:  # shapes that keep changing (sequence lengths): start over
+                self._plans.clear()
+            plan = self._plans[sig] = self._plan(out)
+        if plan is None:
+            return False
+        key, ncl, few = plan
+        if self._last is not None and self._last != key:
+            self._flush(self._last)
+        hv = out.detach().reshape(ncl)
         if few:  # N x L x C: see _raw_moments_stacked
             hv = hv.transpose(1, 2)
-        shape = tuple(hv.shape)
-        # float16/bfloat16 outputs are staged in float32 (an exact upcast, free with the copy): their
-        # squares would overflow or underflow in the reductions
-        dtype = torch.promote_types(hv.dtype, torch.float32)
-        key = (shape, few, dtype, hv.device)
         entry = self._stage.get(key)
+        shape, dtype = key[0], key[2]
         if entry is None:
             if self._stage_bytes() + 4 * hv.numel() * dtype.itemsize > _STAGE_BYTES:
-                return None
-            entry = self._stage[key] = [torch.empty((4,) + shape, dtype=dtype, device=hv.device), 0]
+                return False
+            entry = self._stage[key] = [torch.empty((shape[0], 4) + shape[1:], dtype=dtype, device=hv.device), 0]
         buf, i = entry
-        if i == buf.shape[0]:  # grow (rare: the first pass that sees more outputs of this shape)
+        if i == buf.shape[1]:  # grow (rare: the first pass that sees more outputs of this shape in a row)
             if self._stage_bytes() + buf.numel() * buf.element_size() > _STAGE_BYTES:
-                return None
-            grown = torch.empty((2 * i,) + shape, dtype=dtype, device=hv.device)
-            grown[:i].copy_(buf)
-            buf = entry[0] = grown
-        buf[i].copy_(hv)
+                self._flush(key)  # no room to grow: reduce what waits, and start the buffer over
+                i = 0
+            else:
+                grown = torch.empty((shape[0], 2 * i) + shape[1:], dtype=dtype, device=hv.device)
+                grown[:, :i].copy_(buf)
+                buf = entry[0] = grown
+        buf[:, i].copy_(hv)
         entry[1] = i + 1
-        return (_STAGED, key, i)
+        self._waiting.setdefault(key, []).append(name)
+        self.staged[key] = self.staged.get(key, 0) + 1
+        self._last = key
+        if entry[1] * hv.numel() * dtype.itemsize >= _FLUSH_BYTES:
+            self._flush(key)
+        return True
+
+    def _flush(self, key) -> None:
+        """Reduce the outputs waiting in ``key``'s buffer together (one :func:`_raw_moments_stacked`)."""
+        entry = self._stage[key]
+        buf, n = entry
+        if n:
+            c = key[0][2] if key[1] else key[0][1]
+            e = len(self._entries)
+            self._entries.append(_raw_moments_stacked(buf[:, :n], self._scratch, positions_last=not key[1]))
+            for j, name in enumerate(self._waiting.pop(key)):
+                self._where[name] = (e, j * c, c)
+            entry[1] = 0
+        if self._last == key:
+            self._last = None
+
+    @staticmethod
+    def _plan(out: torch.Tensor):
+        """``(key, N x C x L shape, few)`` of an output that can be staged, else ``None``."""
+        if out.numel() > _STAGE_MAX or not out.is_floating_point() or out.dim() == 0:
+            return None
+        ncl = tuple(_as_ncl(out).shape)
+        few = 1 < ncl[2] <= _FEW_POSITIONS
+        shape = (ncl[0], ncl[2], ncl[1]) if few else ncl
+        # float16/bfloat16 outputs are staged in float32 (an exact upcast, free with the copy): their
+        # squares would overflow or underflow in the reductions
+        dtype = torch.promote_types(out.dtype, torch.float32)
+        return (shape, few, dtype, out.device), ncl, few
 
     def _stage_bytes(self) -> int:
         return sum(e[0].numel() * e[0].element_size() for e in self._stage.values())
 
-    def resolve(self) -> LayerStats:
-        """``stats`` with every staged output replaced by its :func:`_raw_moments` tuple (one batch of
-        reductions per shape)."""
-        done: dict = {}
-        for key, (buf, n) in self._stage.items():
-            if n:
-                done[key] = _raw_moments_stacked(buf[:n], self._scratch, positions_last=not key[1])
+    def resolve(self) -> "_Pass":
+        """The recorded pass as a :class:`_Pass`: the outputs still waiting in the staging buffers
+        reduced (one :func:`_raw_moments_stacked` per shape), with those reduced during the pass."""
+        for key in list(self._waiting):
+            self._flush(key)
         # buffers of shapes this pass did not use are freed (shapes change, e.g. with the sequence length)
-        self._stage = {k: e for k, e in self._stage.items() if e[1]}
-        return {name: (done[v[1]][v[2]] if v[0] is _STAGED else v) for name, v in self.stats.items()}
+        self._stage = {k: e for k, e in self._stage.items() if k in self.staged}
+        return _Pass(self._entries, {name: self._where[name] for name in self.stats})
 
     def attach(self) -> "_Recorder":
         if not self._handles:
@@ -393,8 +435,7 @@ class _Recorder:
                 key = f"{name}#{k}"
             with torch.no_grad():
                 if self.fast:
-                    staged = self._staged(out)
-                    self.stats[key] = staged if staged is not None else _raw_moments(out, self._scratch)
+                    self._record_fast(key, out)
                 else:
                     self.stats[key] = ChannelStats.of(out)
             return None
@@ -642,35 +683,63 @@ def _flat(stats: LayerStats, per_channel: bool) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- probes
 def _flat_summaries(stats: LayerStats) -> dict[str, float]:
-    """``_flat(stats, False)`` (each layer's :meth:`ChannelStats.summary`) for all layers in three operations."""
+    """``_flat(stats, False)`` (each layer's :meth:`ChannelStats.summary`) for all layers in a few operations."""
     if not stats:
         return {}
-    lengths = torch.tensor([cs.mean.numel() for cs in stats.values()])
-    mean = torch.cat([cs.mean for cs in stats.values()])
-    std = torch.cat([cs.std for cs in stats.values()])
-    absmax = torch.cat([cs.absmax for cs in stats.values()])
-    rows = torch.stack([torch.segment_reduce(mean.abs(), "mean", lengths=lengths),
-                        torch.segment_reduce(std, "mean", lengths=lengths),
-                        torch.segment_reduce(absmax, "max", lengths=lengths)]).T.tolist()
+    flat = torch.stack([torch.cat([getattr(cs, f) for cs in stats.values()]) for f in ("mean", "std", "absmax")])
+    return _summaries(flat, [cs.mean.numel() for cs in stats.values()], list(stats))
+
+
+def _summaries(flat: torch.Tensor, sizes: list[int], names: list[str]) -> dict[str, float]:
+    """``{"<layer>/abs_mean|std|absmax": value}`` of layers whose channels lie one after another in
+    ``flat`` (rows mean, std, absmax; ``sizes`` channels each), in the order of ``names``."""
+    lengths = torch.tensor(sizes)
+    rows = torch.stack([torch.segment_reduce(flat[0].abs(), "mean", lengths=lengths),
+                        torch.segment_reduce(flat[1], "mean", lengths=lengths),
+                        torch.segment_reduce(flat[2], "max", lengths=lengths)]).T.tolist()
     out: dict[str, float] = {}
-    for layer, (a, sd, mx) in zip(stats, rows):
-        out[f"{layer}/abs_mean"], out[f"{layer}/std"], out[f"{layer}/absmax"] = a, sd, mx
+    for layer, (am, sd, mx) in zip(names, rows):
+        out[f"{layer}/abs_mean"], out[f"{layer}/std"], out[f"{layer}/absmax"] = am, sd, mx
     return out
 
 
-def _to_channel_stats(raw: dict) -> LayerStats:
-    """``{layer: _raw_moments(...)}`` -> ``{layer: ChannelStats}`` (float64, CPU), one transfer."""
-    if not raw:
-        return {}
-    names = iter(raw)
-    groups = _finish_groups(list(raw.values()))
-    flat = torch.cat([torch.stack([m, s, a]) for m, s, a, _ in groups], 1).cpu()
-    out, i = {}, 0
-    for *_, sizes in groups:
-        for c in sizes:
-            out[next(names)] = ChannelStats(flat[0, i:i + c], flat[1, i:i + c], flat[2, i:i + c])
-            i += c
-    return out
+@dataclass
+class _Pass:
+    """A pass recorded by :class:`ActivationStats`' fast path (:meth:`_Recorder.resolve`).
+
+    ``entries``: tuples of :func:`_raw_moments_stacked`, one per staged shape (its layers' channels
+    one after another) and one per output reduced in its hook; ``where``: per layer, in forward
+    order, ``(entry, its first channel in the entry, its channels)``."""
+
+    entries: list
+    where: dict
+
+
+def _pass_stats(p: _Pass, *, channels: bool = True, summaries: bool = False) -> tuple[LayerStats, dict[str, float]]:
+    """``({layer: ChannelStats}, summaries)`` of a recorded pass (float64, CPU; layers in forward
+    order): one finish for all entries (:func:`_finish_all`), one transfer, and per layer only
+    views of the result. ``channels=False`` leaves the first empty, ``summaries=False`` the second."""
+    if not p.where:
+        return {}, {}
+    mean, std, absmax, sizes = _finish_all(p.entries)
+    flat = torch.stack([mean, std, absmax]).cpu()
+    offsets, o = [], 0
+    for k in sizes:
+        offsets.append(o)
+        o += k
+    # the layers tile the channels: sorted by where they lie, they split ``flat`` in one call per row
+    placed = sorted(p.where, key=lambda name: offsets[p.where[name][0]] + p.where[name][1])
+    sizes = [p.where[name][2] for name in placed]
+    stats: LayerStats = {}
+    if channels:
+        rows = [r.split(sizes) for r in flat.unbind(0)]
+        by_name = {name: ChannelStats(m, s, a) for name, m, s, a in zip(placed, *rows)}
+        stats = {name: by_name[name] for name in p.where}
+    summ: dict[str, float] = {}
+    if summaries:
+        by = _summaries(flat, sizes, placed)
+        summ = {f"{name}/{k}": by[f"{name}/{k}"] for name in p.where for k in _STATS}
+    return stats, summ
 
 
 def _same_input(a, x: torch.Tensor) -> bool:
@@ -790,15 +859,17 @@ class ActivationStats(Probe):
     def _finish(self, ctx: StepContext) -> dict:
         if not self._armed:
             return {}
-        stats = _to_channel_stats(self._rec.stats) if self._done else {}
+        done, rec = self._done, self._rec
         self._armed = False
         self._x = None
         self._release()
-        if not stats:
+        if not done or not rec.stats.where:
             return {}
+        want_channels = self.keep or self.per_channel
+        stats, summ = _pass_stats(rec.stats, channels=want_channels, summaries=not self.per_channel)
         if self.keep:
             self.history.append((ctx.step, stats))
-        return _flat(stats, self.per_channel) if self.per_channel else _flat_summaries(stats)
+        return _flat(stats, True) if self.per_channel else summ
 
     def _release(self) -> None:
         if self._rec is not None:
