@@ -183,14 +183,14 @@ def _raw_moments_stacked(x: torch.Tensor, scratch: dict, *, positions_last: bool
     if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype or buf.device != x.device:
         buf = scratch["buf"] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
     cen = torch.sub(x, k.view(bshape), out=buf[:x.numel()].view(x.shape))
+    # per example and channel Σ (h - k)² in h's dtype, then E[(h - k)²] in float64
     if npos == 1:
-        q = cen.select(pos, 0)
+        q2 = cen.select(pos, 0).square()
     elif positions_last:
-        q = torch.linalg.vector_norm(cen, dim=pos)
+        q2 = torch.linalg.vector_norm(cen, dim=pos).square_()  # a norm along the contiguous axis: one pass
     else:
-        q = cen.square_().sum(pos).sqrt_()
-    # E[(h - k)²]: the per-example norms' squares added in float64 (vector_norm(dim=0, dtype=float64) is 10x slower)
-    ex2 = q.to(torch.float64).square_().sum(0).div_(count)
+        q2 = cen.square_().sum(pos)
+    ex2 = q2.sum(0, dtype=torch.float64).div_(count)  # (vector_norm(dim=0, dtype=float64) is 10x slower)
     if positions_last and npos >= _POS_FIRST:
         mx, mn = x.amax(3).amax(0), x.amin(3).amin(0)
     elif positions_last:
