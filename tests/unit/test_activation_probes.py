@@ -551,3 +551,68 @@ def test_outputs_reduced_as_they_are_staged_match_float64_statistics(flush_bytes
         assert len(rec._entries) == 7 and where["a.1"][0] == where["a.2"][0] and where["a.2"][1:] == (3, 3)
     elif flush_bytes == 1:
         assert len(rec._entries) == 8 and len({w[0] for w in where.values()}) == 8
+
+
+class _Extremes(nn.Module):
+    """Outputs at the edges of the float ranges: a float32 (N, C) layer of ~1e20 (a diverging run) and one
+    of ~1e-21, an integer (quantizing) layer on a map and on (N, C), and a float16 map too large to stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.huge = nn.Linear(10, 4)
+        self.tiny = nn.Linear(10, 4)
+        self.q_map = nn.Identity()
+        self.q_flat = nn.Identity()
+        self.half_map = nn.Identity()
+        self.fc = nn.Linear(10, 2)
+        with torch.no_grad():
+            self.huge.weight.mul_(1e20)
+            self.huge.bias.mul_(1e20)
+            self.tiny.weight.mul_(1e-21)
+            self.tiny.bias.mul_(1e-21)
+
+    def forward(self, x):
+        self.huge(x)
+        self.tiny(x)
+        self.q_map(torch.round(x[:, :8].reshape(-1, 2, 4) * 4).long())
+        self.q_flat(torch.round(x * 4).long())
+        self.half_map((x[:, :3, None, None] * 400).expand(-1, -1, 300, 300).half() + torch.arange(300).half())
+        return self.fc(x)
+
+
+def test_extreme_integer_and_half_outputs_match_float64_statistics():
+    """Per-example squared deviations are formed in float64: a float32 (N, C) output of ~1e20 has a finite
+    std (its square would overflow float32), one of ~1e-21 an accurate one (it would underflow); integer
+    outputs are measured as float64 (no crash in the training step); a float16 map too large to stage
+    (270,000 elements a channel) is summed in float32 (its per-example norms, ~1e5, overflow float16)."""
+    import bnlab.probes.activations as A
+
+    torch.manual_seed(4)
+    net = _Extremes()
+    x = torch.randn(3, 10)
+    layers = ["huge", "tiny", "q_map", "q_flat", "half_map"]
+    ref, _ = A._forward_stats(net, x, layers)
+    probe = ActivationStats(layers=layers)
+    _monitored(net, x, probe)
+    got = probe.history[0][1]
+    assert list(got) == layers
+    for name in layers:
+        rtol = 2e-3 if name == "half_map" else 1e-5
+        assert torch.isfinite(got[name].std).all(), name
+        torch.testing.assert_close(got[name].mean, ref[name].mean, rtol=rtol, atol=0)
+        torch.testing.assert_close(got[name].std, ref[name].std, rtol=rtol, atol=0)
+        torch.testing.assert_close(got[name].absmax, ref[name].absmax, rtol=0, atol=0)
+
+
+def test_a_channel_of_infinities_has_std_nan_not_zero():
+    """max == min gives std exactly 0 for a constant channel, but not for a channel that is all +inf:
+    its spread is undefined (nan, as the float64 reference gives)."""
+    from bnlab.probes.activations import ChannelStats, _fast_moments
+
+    h = torch.randn(8, 3, 5)
+    h[:, 1] = float("inf")
+    h[:, 2] = 2.5
+    mean, std, absmax = _fast_moments(h)
+    ref = ChannelStats.of(h)
+    assert math.isnan(float(std[1])) and math.isnan(float(ref.std[1]))
+    assert float(std[2]) == 0.0 and float(absmax[1]) == float("inf")

@@ -116,13 +116,15 @@ LayerStats = dict
 
 def _fast_moments(h: torch.Tensor, scratch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-channel ``(mean, std, absmax)`` of ``h`` as tensors on ``h``'s device, in one call (the
-    probe splits the same computation into :func:`_raw_moments` and :func:`_finish_moments`).
+    probe splits the same computation into :func:`_raw_moments_stacked`, run on several outputs at
+    once, and :func:`_finish_all`, run once per step).
 
     The same quantities as :meth:`ChannelStats.of`, by fast vectorized reductions instead of a
     transposed float64 copy and Welford's ``std_mean`` (10x faster on CPU): partial sums per
-    example and channel in ``h``'s dtype, added in float64; the variance two-pass, from the
-    output centred at the float32-rounded mean ``m'`` (``Var = E[(h - m')²] - (m - m')²``; exactly 0
-    where max = min, a constant channel, which the rounded mean would leave at ~1e-7·|mean|);
+    example and channel in ``h``'s dtype (float32 for float16/bfloat16), added in float64; the
+    variance two-pass, from the output centred at the mean rounded to ``h``'s dtype, ``m'`` (``Var =
+    E[(h - m')²] - (m - m')²``; exactly 0 where max = min, a constant channel, which the rounded mean
+    would leave at ~1e-7·|mean|);
     ``absmax = max(max h, -min h)``. Relative error ~1e-7 for float32 outputs. ``scratch`` (a dict
     the caller keeps) holds a buffer reused for the centred output, so that no fresh memory is
     allocated (and page-faulted) per layer and step.
@@ -176,18 +178,23 @@ def _raw_moments_stacked(x: torch.Tensor, scratch: dict, *, positions_last: bool
         n, g, npos, c = x.shape
         pos, bshape = 2, (1, g, 1, c)
     count = n * npos
-    s = x.select(pos, 0) if npos == 1 else x.sum(pos)  # (N, g, C)
+    # float16/bfloat16 outputs (too large to stage, where they would be float32) are summed in float32
+    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    s = x.select(pos, 0) if npos == 1 else x.sum(pos, dtype=acc)  # (N, g, C)
     mean = s.sum(0, dtype=torch.float64).div_(count)  # (g, C), never a view of the staging buffer
     k = mean.to(x.dtype)
     buf = scratch.get("buf")
     if buf is None or buf.numel() < x.numel() or buf.dtype != x.dtype or buf.device != x.device:
         buf = scratch["buf"] = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
     cen = torch.sub(x, k.view(bshape), out=buf[:x.numel()].view(x.shape))
-    # per example and channel Σ (h - k)² in h's dtype, then E[(h - k)²] in float64
+    # per example and channel Σ (h - k)², then E[(h - k)²] in float64. The (N, g, C) norms are squared in
+    # float64 (a square in h's dtype overflows past sqrt(max): float16 256, float32 1.8e19, and underflows);
+    # the norm of a map in float32 at least overflows past 1.8e19, as does the square of a staged few-position
+    # map (float32; a norm along their middle axis is 70x slower)
     if npos == 1:
-        q2 = cen.select(pos, 0).square()
+        q2 = cen.select(pos, 0).to(torch.float64).square_()
     elif positions_last:
-        q2 = torch.linalg.vector_norm(cen, dim=pos).square_()  # a norm along the contiguous axis: one pass
+        q2 = torch.linalg.vector_norm(cen, dim=pos, dtype=acc).to(torch.float64).square_()  # one pass, contiguous
     else:
         q2 = cen.square_().sum(pos)
     ex2 = q2.sum(0, dtype=torch.float64).div_(count)  # (vector_norm(dim=0, dtype=float64) is 10x slower)
@@ -206,12 +213,13 @@ _FEW_POSITIONS = 8
 
 
 #: Layer outputs of at most this many elements are staged (copied while hot into a buffer per shape) and
-#: reduced together with the other outputs of their shape once the forward pass is over: on small maps the
-#: cost is the number of tensor operations per layer, not the data (ResNet-18 at 32x32 input: 29 outputs,
-#: 0.15-0.4 ms each one by one inside a training step).
+#: reduced together with the outputs of their shape that come right before or after them (:meth:`_Recorder._staged`):
+#: on small maps the cost is the number of tensor operations per layer, not the data (ResNet-18 at 32x32
+#: input: 29 outputs, 0.15-0.4 ms each one by one inside a training step).
 _STAGE_MAX = 1 << 18
-#: Largest total size (bytes) of the staging buffers of one recorder; past it, outputs are reduced one by
-#: one. The reductions also use a scratch buffer as large as the largest group of one shape.
+#: Largest total size (bytes) of the staging buffers of one recorder; past it, outputs of a new shape are
+#: reduced one by one, and a full buffer that cannot grow is reduced and reused. The reductions also use a
+#: scratch buffer as large as the largest run of one shape (or the largest output reduced on its own).
 _STAGE_BYTES = 64 << 20
 #: Outputs of one shape waiting in a staging buffer are reduced once they reach this size (while in the cache).
 _FLUSH_BYTES = 4 << 20
@@ -230,7 +238,8 @@ def _finish_all(raws: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, l
     mean, ex2, mx, mn, k = (torch.cat([r[i] for r in raws]) for i in range(5))
     shift = mean - k.to(torch.float64)
     std = (ex2 - shift * shift).clamp_min_(0.0).sqrt_()
-    std = torch.where(mx == mn, 0.0, std)  # a constant channel: exactly 0, not the rounded mean's ~1e-7·|mean|
+    # a constant channel: exactly 0, not the rounded mean's ~1e-7·|mean| (a channel all ±inf stays nan)
+    std = torch.where((mx == mn) & mx.isfinite(), 0.0, std)
     absmax = torch.maximum(mx, mn.neg()).to(torch.float64)
     return mean, std, absmax, sizes
 
@@ -322,7 +331,7 @@ class _Recorder:
 
     def _record_fast(self, name: str, out: torch.Tensor) -> None:
         if not self._staged(name, out):  # reduced now, on its own
-            raw = _raw_moments(out, self._scratch)
+            raw = _raw_moments(out if out.is_floating_point() else out.to(torch.float64), self._scratch)
             self._where[name] = (len(self._entries), 0, raw[0].shape[0])
             self._entries.append(raw)
         self.stats[name] = None  # the order of the layers
@@ -707,8 +716,8 @@ def _summaries(flat: torch.Tensor, sizes: list[int], names: list[str]) -> dict[s
 class _Pass:
     """A pass recorded by :class:`ActivationStats`' fast path (:meth:`_Recorder.resolve`).
 
-    ``entries``: tuples of :func:`_raw_moments_stacked`, one per staged shape (its layers' channels
-    one after another) and one per output reduced in its hook; ``where``: per layer, in forward
+    ``entries``: tuples of :func:`_raw_moments_stacked`, one per reduction of staged outputs (a run of
+    outputs of one shape: their channels one after another) and one per output reduced on its own; ``where``: per layer, in forward
     order, ``(entry, its first channel in the entry, its channels)``."""
 
     entries: list
@@ -762,18 +771,19 @@ class ActivationStats(Probe):
     probes through :func:`torch.func.functional_call` or under ``no_grad`` are ignored).
 
     The hooks compute the channel statistics on the output's device with fast reductions
-    (:func:`_raw_moments`, :func:`_finish_moments` once per step for all layers: float64 totals of
-    float32 partial sums, a variance from the output centred at its mean; relative error ~1e-7 for
-    float32 outputs, where :func:`activation_stats` is exact in float64) and the step's numbers
-    reach the host in one transfer. An output of at most ``_STAGE_MAX`` (262,144) elements is only
-    copied in its hook, while it is in the cache, into a buffer per shape (64 MiB at most, float32
-    for float16/bfloat16 outputs, kept between steps while the shape recurs, plus a scratch buffer as
-    large as the largest group); at the end of the forward pass each shape's outputs are reduced together
-    (:func:`_raw_moments_stacked`), since on small maps the cost is the number of tensor operations
-    per layer, not the data. On ResNet-18 (batch 32 of 32x32 images, CPU, one thread; 29 layers
-    measured, maps 8x8 to 1x1) it costs 1.06-1.07x a bare step (1.15x two versions ago), against
-    1.01-1.02x for merely reading the outputs once (``benchmarks/probe_overhead.py``'s floor);
-    ``every=10`` makes it ~1%.
+    (:func:`_raw_moments_stacked`: per channel, float64 totals of per-example partial sums in the
+    output's dtype, a variance from the output centred at its mean; relative error ~1e-7 for float32
+    outputs, where :func:`activation_stats` is exact in float64), finished once per step for all
+    layers together (:func:`_finish_all`), and the step's numbers reach the host in one transfer. An
+    output of at most ``_STAGE_MAX`` (262,144) elements is only copied in its hook, while it is in
+    the cache, into a buffer per shape (64 MiB at most, float32 for float16/bfloat16 outputs, kept
+    between steps while the shape recurs, plus a scratch buffer as large as the largest run); the
+    outputs of one shape that come one after another are reduced together when the pass moves on to
+    another shape (or when they reach ``_FLUSH_BYTES``, 4 MiB), since on small maps the cost is the
+    number of tensor operations per layer, not the data. On ResNet-18 (batch 32 of 32x32 images, CPU,
+    one thread; 29 layers measured, maps 8x8 to 1x1, 7 reductions a step) it costs 1.05-1.06x a bare
+    step (1.15x four versions ago), against 1.01-1.02x for merely reading the outputs once
+    (``benchmarks/probe_overhead.py``'s floor); ``every=10`` makes it ~0.5%.
 
     Records ``"<layer>/abs_mean"``, ``"<layer>/std"``, ``"<layer>/absmax"`` per layer (see the
     module docstring) and, with ``per_channel``, ``"<layer>/<c>/mean|std|absmax"`` per channel.
