@@ -188,7 +188,12 @@ def test_staged_outputs_match_float64_statistics_in_every_layout(stage_bytes, mo
         assert {k[0]: v[0].shape[1] for k, v in rec._stage.items()}[(4, 6, 16)] == 8  # (N, capacity, ...): grown from 4
     else:
         assert sum(staged.values()) < 8  # the budget ran out: some outputs were reduced one by one
-    for step, got in probe.history:
+    _assert_history_matches(probe, ref, layers)
+
+
+def _assert_history_matches(probe, ref, layers):
+    """Every step the probe kept equals the float64 statistics ``ref``, layer by layer, in forward order."""
+    for _, got in probe.history:
         assert list(got) == layers
         for name in layers:
             torch.testing.assert_close(got[name].mean, ref[name].mean, rtol=1e-6, atol=1e-6)
@@ -538,12 +543,7 @@ def test_outputs_reduced_as_they_are_staged_match_float64_statistics(flush_bytes
         assert sum(rec.staged.values()) == 8
     if flush_bytes is None and stage_bytes is None:
         assert {k[0]: n for k, n in rec.staged.items()} == {(6, 3, 16): 4, (6, 4, 5): 2, (6, 4, 1): 1, (6, 2, 1): 1}
-    for _, got in probe.history:
-        assert list(got) == layers
-        for name in layers:
-            torch.testing.assert_close(got[name].mean, ref[name].mean, rtol=1e-6, atol=1e-6)
-            torch.testing.assert_close(got[name].std, ref[name].std, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(got[name].absmax, ref[name].absmax, rtol=0, atol=0)
+    _assert_history_matches(probe, ref, layers)
     # how the last pass was split: with no limit, a run of one shape is reduced together (a.1 with a.2)
     # and each change of shape ends a run: 7 reductions for 8 outputs; flushed at every output: 8
     where = rec._where

@@ -781,7 +781,7 @@ class ActivationStats(Probe):
     outputs of one shape that come one after another are reduced together when the pass moves on to
     another shape (or when they reach ``_FLUSH_BYTES``, 4 MiB), since on small maps the cost is the
     number of tensor operations per layer, not the data. On ResNet-18 (batch 32 of 32x32 images, CPU,
-    one thread; 29 layers measured, maps 8x8 to 1x1, 7 reductions a step) it costs 1.05-1.06x a bare
+    one thread; 29 layers measured, maps 8x8 to 1x1, 7 reductions a step) it costs 1.05-1.07x a bare
     step (1.15x four versions ago), against 1.01-1.02x for merely reading the outputs once
     (``benchmarks/probe_overhead.py``'s floor); ``every=10`` makes it ~0.5%.
 
