@@ -341,3 +341,29 @@ def test_activation_quantiles_take_a_transformers_channels_from_the_last_dimensi
     for c in (0, 7, 31):
         assert rec[f"act_q/{c}/mean"] == pytest.approx(float(ref[:, c].mean()), rel=1e-6, abs=1e-9)
         assert rec[f"act_q/{c}/q50"] == pytest.approx(float(ref[:, c].quantile(0.5)), rel=1e-6, abs=1e-9)
+
+
+def test_the_device_check_script_passes_on_the_cpu_and_refuses_bad_input(capsys, monkeypatch):
+    """benchmarks/gpu_probe_check.py (the check a GPU session runs: HVP through SDPA against autograd's
+    Hessian, every probe bit-identical) passes here on the CPU, fails when the attention backend switch
+    is removed, and answers a device it cannot use with exit status 2."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_probe_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_probe_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\nok   ") == 2 * (1 + len(PROBES)) and " 0 failed" in out
+    import contextlib
+
+    import bnlab.curvature
+
+    monkeypatch.setattr(bnlab.curvature, "math_attention", contextlib.nullcontext)  # no backend switch
+    assert mod.main(["--device", "cpu"]) == 1
+    assert "FAIL bert: HVP through SDPA" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert mod.main(["--device", "tpu"]) == 2
+    assert "accepted: cuda, cuda:N, cpu" in capsys.readouterr().err
