@@ -63,6 +63,8 @@ def test_training_is_bit_identical_with_and_without_each_probe(name, norm):
     measured = [r for r in h_b.records if any(k.startswith(prefix) for k in r)]
     assert measured, f"probe {name} recorded nothing"
     assert not any(k.startswith(prefix) for r in h_a.records for k in r)
+    # built by name, a probe keeps nothing per step in memory (its numbers are in the records): memory stays flat
+    assert not getattr(probes[0], "history", []), f"probe {name} keeps a history"
 
 
 def _probe_classes():
