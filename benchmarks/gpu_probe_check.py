@@ -33,39 +33,75 @@ import torch  # noqa: E402
 VOCAB, SEQ = 64, 10
 
 
-def _models(dev):
-    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+def bert(dropout=0.0, attn="sdpa", dev="cpu"):
+    """A tiny randomly initialized BERT classifier (2 layers, width 32, 3 labels), seed 0."""
+    from transformers import BertConfig, BertForSequenceClassification
 
-    def bert(attn="sdpa", dropout=0.0):
-        torch.manual_seed(0)
-        cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, num_labels=3, max_position_embeddings=32, hidden_dropout_prob=dropout,
-                         attention_probs_dropout_prob=dropout, attn_implementation=attn)
-        return BertForSequenceClassification(cfg).to(dev)
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, num_labels=3, max_position_embeddings=32, hidden_dropout_prob=dropout,
+                     attention_probs_dropout_prob=dropout, attn_implementation=attn)
+    return BertForSequenceClassification(cfg).to(dev)
 
-    def gpt2(attn="sdpa", dropout=0.0):
-        torch.manual_seed(0)
-        cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=dropout,
-                         embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0, attn_implementation=attn)
-        return GPT2LMHeadModel(cfg).to(dev)
 
-    def bert_batch(n=8, seed=1):
-        g = torch.Generator().manual_seed(seed)
-        mask = torch.ones(n, SEQ, dtype=torch.long)
-        mask[: n // 2, SEQ - 3:] = 0
-        b = {"input_ids": torch.randint(0, VOCAB, (n, SEQ), generator=g), "attention_mask": mask,
-             "labels": torch.randint(0, 3, (n,), generator=g)}
-        return {k: v.to(dev) for k, v in b.items()}
+def gpt2(dropout=0.0, attn="sdpa", dev="cpu"):
+    """A tiny randomly initialized GPT-2 language model (2 layers, width 32), seed 0."""
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    def gpt2_batch(n=4, seed=1):
-        ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed)).to(dev)
-        return {"input_ids": ids, "labels": ids}
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=dropout,
+                     embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0, attn_implementation=attn)
+    return GPT2LMHeadModel(cfg).to(dev)
 
-    return {
-        "bert": (bert, bert_batch, ["bert.encoder.layer.0.attention.self.query.bias",
-                                    "bert.encoder.layer.0.attention.self.key.bias", "classifier.weight"]),
-        "gpt2": (gpt2, gpt2_batch, ["transformer.h.0.attn.c_attn.bias", "transformer.ln_f.weight"]),
-    }
+
+def bert_batch(n=8, seed=1, dev="cpu"):
+    """A dict batch for :func:`bert`: token ids, an attention mask with padding in half the rows, labels."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, SEQ, dtype=torch.long)
+    mask[: n // 2, SEQ - 3:] = 0  # padding in half the sequences
+    b = {"input_ids": torch.randint(0, VOCAB, (n, SEQ), generator=g), "attention_mask": mask,
+         "labels": torch.randint(0, 3, (n,), generator=g)}
+    return {k: v.to(dev) for k, v in b.items()}
+
+
+def gpt2_batch(n=4, seed=1, dev="cpu"):
+    """A dict batch for :func:`gpt2`: token ids, which are also the labels."""
+    ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed)).to(dev)
+    return {"input_ids": ids, "labels": ids}
+
+
+#: kind -> (model builder, batch builder, the names of the parameter slice whose Hessian is checked)
+MODELS = {
+    "bert": (bert, bert_batch, ["bert.encoder.layer.0.attention.self.query.bias",
+                                "bert.encoder.layer.0.attention.self.key.bias", "classifier.weight"]),
+    "gpt2": (gpt2, gpt2_batch, ["transformer.h.0.attn.c_attn.bias", "transformer.ln_f.weight"]),
+}
+
+
+def slice_setup(make, make_batch, names, dev="cpu"):
+    """The model (sdpa, eval, dropout 0: the fused kernel without double backward is the one chosen), its
+    eager-attention twin with the same weights (the reference), and the batch; every parameter but
+    ``names`` frozen."""
+    model, ref = make(dev=dev).eval(), make(attn="eager", dev=dev).eval()
+    ref.load_state_dict(model.state_dict())
+    for m in (model, ref):
+        for n, p in m.named_parameters():
+            p.requires_grad_(n in names)
+    return model, ref, make_batch(dev=dev)
+
+
+def reference_hessian(ref, batch, names):
+    """Autograd's full Hessian of ``ref``'s own loss on ``batch`` with respect to the parameters ``names``
+    (flattened and concatenated in that order), and their sizes."""
+    params = dict(ref.named_parameters())
+    shapes = [params[n].shape for n in names]
+    sizes = [math.prod(s) for s in shapes]
+
+    def loss_of(flat):
+        parts = torch.split(flat, sizes)
+        return torch.func.functional_call(ref, {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}, (), batch).loss
+
+    return torch.autograd.functional.hessian(loss_of, torch.cat([params[n].detach().reshape(-1) for n in names])), sizes
 
 
 def _flags():
@@ -77,21 +113,8 @@ def check_curvature(kind, make, make_batch, names, dev) -> list[str]:
     """HVP and top eigenvalue of the sdpa model against the eager twin's autograd Hessian of a slice."""
     from bnlab.curvature import model_hvp, model_top_eigenvalues
 
-    model, ref = make().eval(), make(attn="eager").eval()
-    ref.load_state_dict(model.state_dict())
-    for m in (model, ref):
-        for n, p in m.named_parameters():
-            p.requires_grad_(n in names)
-    batch = make_batch()
-    params = dict(ref.named_parameters())
-    shapes = [params[n].shape for n in names]
-    sizes = [math.prod(s) for s in shapes]
-
-    def loss_of(flat):
-        parts = torch.split(flat, sizes)
-        return torch.func.functional_call(ref, {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)}, (), batch).loss
-
-    H = torch.autograd.functional.hessian(loss_of, torch.cat([params[n].detach().reshape(-1) for n in names]))
+    model, ref, batch = slice_setup(make, make_batch, names, dev)
+    H, sizes = reference_hessian(ref, batch, names)
     v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0)).to(dev)
     own = dict(model.named_parameters())
     vd = {n: t.reshape(own[n].shape) for n, t in zip(names, torch.split(v, sizes))}
@@ -114,14 +137,14 @@ def check_probes(kind, make, make_batch, dev) -> list[str]:
     from bnlab.probes.registry import PROBES, make_probe
 
     def run(name):
-        model = make(dropout=0.1)
+        model = make(dropout=0.1, dev=dev)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        probes = [] if name is None else [make_probe(name, model, make_batch(n=4, seed=99), None, every=1)]
+        probes = [] if name is None else [make_probe(name, model, make_batch(n=4, seed=99, dev=dev), None, every=1)]
         records: list = []
         mon = Monitor(model, opt, probes, log=records)
         torch.manual_seed(0)
         for i in range(3):
-            batch = make_batch(seed=10 + i)
+            batch = make_batch(seed=10 + i, dev=dev)
             with mon.step(batch) as s:
                 opt.zero_grad()
                 s.loss = model(**batch).loss
@@ -169,7 +192,7 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     print(f"device {dev} ({name}), torch {torch.__version__}, transformers {transformers.__version__}")
     lines = []
-    for kind, (make, make_batch, names) in _models(dev).items():
+    for kind, (make, make_batch, names) in MODELS.items():
         try:
             lines += check_curvature(kind, make, make_batch, names, dev)
         except Exception as exc:  # noqa: BLE001  (reported as a failed check)

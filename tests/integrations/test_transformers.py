@@ -15,7 +15,9 @@ downloaded.
 """
 
 import copy
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +26,6 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from bnlab.curvature import model_hvp, model_top_eigenvalues  # noqa: E402
 from bnlab.landscape import probe_model_along_gradient  # noqa: E402
@@ -33,42 +34,16 @@ from bnlab.probes.registry import PROBES, make_probe  # noqa: E402
 from bnlab.scale import find_scale_invariant  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-VOCAB, SEQ = 64, 10
 
-
-def bert(dropout=0.0, attn="sdpa", seed=0):
-    torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, num_labels=3, max_position_embeddings=32,
-                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, attn_implementation=attn)
-    return BertForSequenceClassification(cfg)
-
-
-def gpt2(dropout=0.0, attn="sdpa", seed=0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=2, resid_pdrop=dropout,
-                     embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0, attn_implementation=attn)
-    return GPT2LMHeadModel(cfg)
-
-
-def bert_batch(n=8, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    mask = torch.ones(n, SEQ, dtype=torch.long)
-    mask[: n // 2, SEQ - 3:] = 0  # padding in half the sequences
-    return {"input_ids": torch.randint(0, VOCAB, (n, SEQ), generator=g), "attention_mask": mask,
-            "labels": torch.randint(0, 3, (n,), generator=g)}
-
-
-def gpt2_batch(n=4, seed=1):
-    ids = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(seed))
-    return {"input_ids": ids, "labels": ids}
-
-
-MODELS = {
-    "bert": (bert, bert_batch, ["bert.encoder.layer.0.attention.self.query.bias",
-                                "bert.encoder.layer.0.attention.self.key.bias", "classifier.weight"]),
-    "gpt2": (gpt2, gpt2_batch, ["transformer.h.0.attn.c_attn.bias", "transformer.ln_f.weight"]),
-}
+# the tiny models, their batches and the Hessian reference: one definition, shared with the device check
+# (benchmarks/gpu_probe_check.py, which runs the same checks on a GPU)
+_CHECK_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_probe_check.py"
+_spec = importlib.util.spec_from_file_location("gpu_probe_check", _CHECK_PATH)
+device_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(device_check)
+VOCAB, SEQ, MODELS = device_check.VOCAB, device_check.SEQ, device_check.MODELS
+bert, gpt2, bert_batch, gpt2_batch = device_check.bert, device_check.gpt2, device_check.bert_batch, device_check.gpt2_batch
+_reference_hessian = device_check.reference_hessian
 
 
 def _slice_setup(kind):
@@ -76,27 +51,7 @@ def _slice_setup(kind):
     chosen), its eager-attention twin with the same weights (the reference), the batch, and the
     names of the slice; every other parameter frozen."""
     make, make_batch, names = MODELS[kind]
-    model = make().eval()
-    ref = make(attn="eager").eval()
-    ref.load_state_dict(model.state_dict())
-    for m in (model, ref):
-        for n, p in m.named_parameters():
-            p.requires_grad_(n in names)
-    return model, ref, make_batch(), names
-
-
-def _reference_hessian(ref, batch, names):
-    params = dict(ref.named_parameters())
-    shapes = [params[n].shape for n in names]
-    sizes = [math.prod(s) for s in shapes]
-    flat0 = torch.cat([params[n].detach().reshape(-1) for n in names])
-
-    def loss_of(flat):
-        parts = torch.split(flat, sizes)
-        return torch.func.functional_call(ref, {n: t.reshape(s) for n, t, s in zip(names, parts, shapes)},
-                                          (), batch).loss
-
-    return torch.autograd.functional.hessian(loss_of, flat0), sizes
+    return (*device_check.slice_setup(make, make_batch, names), names)
 
 
 @pytest.mark.parametrize("kind", sorted(MODELS))
@@ -347,13 +302,7 @@ def test_the_device_check_script_passes_on_the_cpu_and_refuses_bad_input(capsys,
     """benchmarks/gpu_probe_check.py (the check a GPU session runs: HVP through SDPA against autograd's
     Hessian, every probe bit-identical) passes here on the CPU, fails when the attention backend switch
     is removed, and answers a device it cannot use with exit status 2."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_probe_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_probe_check", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = device_check
     assert mod.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert out.count("\nok   ") == 2 * (1 + len(PROBES)) and " 0 failed" in out

@@ -50,6 +50,7 @@ Reference:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -340,9 +341,9 @@ class _Recorder:
         """Copy a small output into its shape's staging buffer; ``False`` when it is not staged.
 
         The outputs waiting in a buffer are reduced together (:meth:`_flush`) as soon as the pass
-        stages an output of another shape, or their size reaches :data:`_FLUSH_BYTES`: they are then
-        still in the cache, where at the end of the pass they would be read back from memory (on
-        ResNet-18 that halved the reductions' cost inside a training step)."""
+        stages an output of another shape, or their size reaches :data:`_FLUSH_BYTES`, so that the
+        buffers stay as small as the longest run of one shape (on ResNet-18 this measured the same as
+        reducing every shape at the end of the pass: 1.055 against 1.057x a bare step)."""
         sig = (out.shape, out.dtype, out.device)
         plan = self._plans.get(sig)
         if plan is None and sig not in self._plans:  # once per kind of output: its key and layout, or None
@@ -413,7 +414,7 @@ class _Recorder:
 
     def resolve(self) -> "_Pass":
         """The recorded pass as a :class:`_Pass`: the outputs still waiting in the staging buffers
-        reduced (one :func:`_raw_moments_stacked` per shape), with those reduced during the pass."""
+        reduced (one :func:`_raw_moments_stacked` per waiting run), with those reduced during the pass."""
         for key in list(self._waiting):
             self._flush(key)
         # buffers of shapes this pass did not use are freed (shapes change, e.g. with the sequence length)
@@ -732,10 +733,7 @@ def _pass_stats(p: _Pass, *, channels: bool = True, summaries: bool = False) -> 
         return {}, {}
     mean, std, absmax, sizes = _finish_all(p.entries)
     flat = torch.stack([mean, std, absmax]).cpu()
-    offsets, o = [], 0
-    for k in sizes:
-        offsets.append(o)
-        o += k
+    offsets = [0, *itertools.accumulate(sizes)]  # of each entry's first channel
     # the layers tile the channels: sorted by where they lie, they split ``flat`` in one call per row
     placed = sorted(p.where, key=lambda name: offsets[p.where[name][0]] + p.where[name][1])
     sizes = [p.where[name][2] for name in placed]

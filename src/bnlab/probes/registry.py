@@ -58,14 +58,22 @@ def register_probe(name: str, cls: type, summary: str, build: Callable | None = 
 def make_probe(name: str, model: nn.Module, batch=None, loss_fn: Optional[Callable] = None, *, every: Schedule = 1) -> Probe:
     """The probe ``name`` built for ``model`` (``batch``: an ``(x, y)`` sample, or a dict batch, some
     factories need). ``loss_fn`` ``None``: ``F.cross_entropy`` for an ``(x, y)`` batch, the model's
-    own ``output.loss`` for a dict batch (:func:`bnlab.adapters.default_loss_fn`)."""
+    own ``output.loss`` for a dict batch (:func:`bnlab.adapters.default_loss_fn`).
+
+    A probe built by name keeps no per-step history in memory (``keep=False``): its numbers go to the
+    records, so memory stays flat over a run (a kept history grows every measured step: ``ActivationStats``
+    ~160 KB a step on ResNet-18, ``OutputGradients`` a tokens x vocabulary matrix on a language model).
+    Construct the class with ``keep=True`` for the history."""
     if name not in PROBES:
         raise unknown_name("probe", name, PROBES)
     if loss_fn is None:
         from ..adapters import default_loss_fn
 
         loss_fn = default_loss_fn(batch) if batch is not None else F.cross_entropy
-    return PROBES[name].build(model, batch, loss_fn, every)
+    probe = PROBES[name].build(model, batch, loss_fn, every)
+    if hasattr(probe, "keep") and hasattr(probe, "history"):
+        probe.keep = False
+    return probe
 
 
 @dataclass(frozen=True)
@@ -113,10 +121,7 @@ def make_preset(name: str, model: nn.Module, batch=None, loss_fn: Callable = F.c
     for pname, every in PRESETS[name].probes:
         if batch is None and pname in _NEEDS_BATCH:
             raise UserError(f"preset {name!r}: probe {pname!r} needs a sample batch (x, y); pass batch=")
-        probe = make_probe(pname, model, batch, loss_fn, every=every)
-        if hasattr(probe, "keep") and hasattr(probe, "history"):
-            probe.keep = False  # numbers go to the records; no per-step tensors held for the whole run
-        out.append(probe)
+        out.append(make_probe(pname, model, batch, loss_fn, every=every))  # no history kept (make_probe)
     return out
 
 
@@ -198,16 +203,10 @@ def _register_builtin() -> None:
     register_probe("lr", LearningRate, "the learning rate of each optimizer group")
     register_probe("scale-invariant", ScaleInvariantStats, "per scale-invariant group: ‖w‖, ‖g‖, η/‖w‖², angular update",
                    _scale_invariant)
-    # built by name, the probes that can keep per-step tensors in ``history`` keep none (keep=False): their
-    # numbers go to the records, and memory stays flat over a run (a kept history grows every measured step:
-    # ActivationStats ~160 KB a step on ResNet-18, OutputGradients a (tokens x vocabulary) matrix on a language
-    # model); construct the class with keep=True for the per-channel history
-    register_probe("activation-stats", ActivationStats, "per layer: mean, std, largest magnitude",
-                   lambda model, batch, loss_fn, every: ActivationStats(every=every, keep=False))
-    register_probe("output-gradients", OutputGradients, "∂ℓ_i/∂logits and their alignment across examples",
-                   lambda model, batch, loss_fn, every: OutputGradients(every=every, keep=False))
+    register_probe("activation-stats", ActivationStats, "per layer: mean, std, largest magnitude")
+    register_probe("output-gradients", OutputGradients, "∂ℓ_i/∂logits and their alignment across examples")
     register_probe("update-interpolation", UpdateInterpolation, "activation statistics along w + sΔw",
-                   lambda model, batch, loss_fn, every: UpdateInterpolation(every=every, s=3, keep=False))
+                   lambda model, batch, loss_fn, every: UpdateInterpolation(every=every, s=3))
     register_probe("landscape", LandscapeProbe, "loss band, gradient-predictiveness band, β-smoothness along the gradient")
     register_probe("ics", InternalCovariateShift, "per layer ‖G − G'‖ and cos(G, G')")
     register_probe("activation-quantiles", ActivationQuantiles, "percentiles of one layer's channels",
